@@ -1,0 +1,369 @@
+"""The FineTuneJob schema: the one source of truth for the spec.
+
+`crds/finetune.dev_finetunejobs.yaml` is generated from this module (`make crds`), the
+Python validator in `validation.py` evaluates exactly this schema and its CEL rules, and
+the spec reference in `docs/` is generated from the descriptions here. A test proves the
+checked-in CRD equals what this module produces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Schema = dict[str, Any]
+
+URI_SCHEMES_MODEL = ("hf", "s3", "file")
+URI_SCHEMES_DATA = ("s3", "file")
+URI_SCHEMES_CHECKPOINT = ("s3", "file")
+PHASES = ("Pending", "Provisioning", "Running", "Retrying", "Suspended", "Succeeded", "Failed")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+# A Kubernetes resource quantity, as the API server's own regex for `quantity` has it.
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _uri_pattern(schemes: tuple[str, ...]) -> str:
+    return "^(" + "|".join(schemes) + ")://.+"
+
+
+def string(description: str, **extra: Any) -> Schema:
+    return {"type": "string", "description": description, **extra}
+
+
+def integer(description: str, **extra: Any) -> Schema:
+    return {"type": "integer", "description": description, **extra}
+
+
+def number(description: str, **extra: Any) -> Schema:
+    return {"type": "number", "description": description, **extra}
+
+
+def boolean(description: str, **extra: Any) -> Schema:
+    return {"type": "boolean", "description": description, **extra}
+
+
+def obj(description: str, properties: dict[str, Schema], *, required: tuple[str, ...] = (),
+        rules: tuple[dict[str, str], ...] = (), **extra: Any) -> Schema:
+    schema: Schema = {"type": "object", "description": description, "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    if rules:
+        schema["x-kubernetes-validations"] = list(rules)
+    schema.update(extra)
+    return schema
+
+
+def rule(expression: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """A CEL rule as the API server evaluates it; `fieldPath` makes errors name the field."""
+    out = {"rule": expression, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def uri(description: str, schemes: tuple[str, ...]) -> Schema:
+    return string(description, pattern=_uri_pattern(schemes), maxLength=2048)
+
+
+MODEL = obj(
+    "The base model to fine-tune: weights, config and tokenizer in Hugging Face layout.",
+    {
+        "uri": uri("Where the model is: hf://ORG/NAME (Hugging Face Hub), s3://BUCKET/PREFIX "
+                   "(a saved model, downloaded in parallel) or file://PATH (a volume path).",
+                   URI_SCHEMES_MODEL),
+        "revision": string("Hub revision (branch, tag or commit) for hf:// models.", maxLength=256),
+    },
+    required=("uri",),
+)
+
+DATASET = obj(
+    "Training text: tokenized, packed into maxSeqLength sequences and sharded across workers.",
+    {
+        "uri": uri("A file or a prefix of files: s3://BUCKET/KEY or file://PATH.", URI_SCHEMES_DATA),
+        "format": string("File format; auto picks it from the file extension "
+                         "(.jsonl/.json, .parquet, .txt).",
+                         enum=["auto", "jsonl", "parquet", "text"], default="auto"),
+        "textField": string("The field (jsonl) or column (parquet) holding the text.",
+                            default="text", minLength=1),
+        "maxSeqLength": integer("Length in tokens of each packed training sequence.",
+                                minimum=8, maximum=1048576, default=2048),
+    },
+    required=("uri",),
+)
+
+DEEPSPEED = obj(
+    "DeepSpeed ZeRO settings (only with strategy.type: deepspeed).",
+    {
+        "stage": integer("ZeRO stage: 1 shards optimizer state, 2 also gradients, "
+                         "3 also parameters.", enum=[1, 2, 3], default=3),
+        "offloadOptimizer": string("Keep optimizer state on the CPU instead of the GPU.",
+                                   enum=["none", "cpu"], default="none"),
+        "offloadParam": string("Keep parameters on the CPU between uses (ZeRO-3 only).",
+                               enum=["none", "cpu"], default="none"),
+        "config": {
+            "type": "object",
+            "description": "Raw DeepSpeed config merged last, over what the trainer derives; "
+                           "for power users.",
+            "x-kubernetes-preserve-unknown-fields": True,
+        },
+    },
+    rules=(
+        rule("self.offloadParam == 'none' || self.stage == 3",
+             "offloadParam needs ZeRO stage 3", ".offloadParam"),
+    ),
+)
+
+FSDP = obj(
+    "PyTorch FSDP settings (only with strategy.type: fsdp).",
+    {
+        "shardingStrategy": string(
+            "FULL_SHARD shards parameters, gradients and optimizer state; SHARD_GRAD_OP keeps "
+            "parameters whole between forward and backward; NO_SHARD is plain data parallel; "
+            "HYBRID_SHARD shards inside a worker and replicates across workers.",
+            enum=list(SHARDING_STRATEGIES), default="FULL_SHARD"),
+        "cpuOffload": boolean("Keep parameters and gradients on the CPU between uses.",
+                              default=False),
+    },
+)
+
+STRATEGY = obj(
+    "How the model is distributed across the workers.",
+    {
+        "type": string("deepspeed (ZeRO) or fsdp (PyTorch Fully Sharded Data Parallel).",
+                       enum=["deepspeed", "fsdp"], default="deepspeed"),
+        "deepspeed": DEEPSPEED,
+        "fsdp": FSDP,
+    },
+    rules=(
+        rule("!has(self.fsdp) || self.type == 'fsdp'",
+             "fsdp settings are only allowed with strategy.type: fsdp", ".fsdp"),
+        rule("!has(self.deepspeed) || self.type == 'deepspeed'",
+             "deepspeed settings are only allowed with strategy.type: deepspeed", ".deepspeed"),
+    ),
+    default={},
+)
+
+TRAINING = obj(
+    "The optimisation loop.",
+    {
+        "epochs": integer("Passes over the dataset (ignored once maxSteps is reached).",
+                          minimum=1, default=1),
+        "maxSteps": integer("Stop after this many optimizer steps.", minimum=1),
+        "microBatchSize": integer("Sequences per worker per forward pass.", minimum=1, default=1),
+        "gradientAccumulationSteps": integer("Micro-batches per optimizer step.",
+                                             minimum=1, default=1),
+        "learningRate": number("Peak learning rate.", exclusiveMinimum=True, minimum=0,
+                               maximum=1, default=2.0e-5),
+        "weightDecay": number("AdamW weight decay.", minimum=0, default=0.0),
+        "warmupSteps": integer("Steps of linear warm-up from zero to learningRate.",
+                               minimum=0, default=0),
+        "lrScheduler": string("Learning-rate schedule after warm-up.",
+                              enum=["constant", "linear", "cosine"], default="cosine"),
+        "precision": string("Numeric precision of the training math. fp16 needs a GPU.",
+                            enum=["fp32", "bf16", "fp16"], default="bf16"),
+        "activationCheckpointing": boolean("Recompute activations in backward to save memory.",
+                                           default=False),
+        "maxGradNorm": number("Clip the global gradient norm to this value; 0 turns "
+                              "clipping off.", minimum=0, default=1.0),
+        "seed": integer("Seed for initialisation, data order and dropout.", minimum=0,
+                        default=42),
+    },
+    rules=(
+        rule("!has(self.maxSteps) || self.warmupSteps < self.maxSteps",
+             "warmupSteps must be smaller than maxSteps", ".warmupSteps"),
+    ),
+    default={},
+)
+
+TOLERATION = obj(
+    "A Kubernetes toleration, copied to the worker pods.",
+    {
+        "key": string("Taint key.", maxLength=317),
+        "operator": string("Exists or Equal.", enum=["Exists", "Equal"]),
+        "value": string("Taint value (with Equal).", maxLength=63),
+        "effect": string("NoSchedule, PreferNoSchedule or NoExecute.",
+                         enum=["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+        "tolerationSeconds": integer("How long a NoExecute taint is tolerated."),
+    },
+    rules=(
+        rule("!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+             "|| self.value == ''",
+             "a toleration with operator Exists must not have a value", ".value"),
+    ),
+)
+
+RESOURCES = obj(
+    "The workers and the GPU node pool they run on.",
+    {
+        "workers": integer("Worker pods (Ray workers). Training runs one process per GPU, "
+                           "or one per worker on CPU.", minimum=1, maximum=4096, default=1),
+        "gpusPerWorker": integer("nvidia.com/gpu per worker pod; 0 trains on CPU.",
+                                 minimum=0, maximum=16, default=1),
+        "cpusPerWorker": integer("CPU cores per worker pod.", minimum=1, default=8),
+        "memoryPerWorker": string("Memory per worker pod, as a Kubernetes quantity.",
+                                  pattern=QUANTITY_PATTERN, default="32Gi"),
+        "image": string("Trainer image; empty takes the operator's default."),
+        "nodeSelector": {
+            "type": "object",
+            "description": "Node labels that pick the GPU node pool.",
+            "additionalProperties": {"type": "string"},
+        },
+        "tolerations": {
+            "type": "array",
+            "description": "Tolerations for the node pool's taints.",
+            "maxItems": 64,
+            "items": TOLERATION,
+        },
+        "priorityClassName": string("PriorityClass of the worker pods."),
+    },
+    default={},
+)
+
+CHECKPOINT = obj(
+    "Where checkpoints and the final model go: <uri>/<job name>/checkpoint_*, "
+    "<uri>/<job name>/final.",
+    {
+        "uri": uri("s3://BUCKET/PREFIX or file://PATH.", URI_SCHEMES_CHECKPOINT),
+        "everySteps": integer("Save a checkpoint every this many optimizer steps (and at "
+                              "the end).", minimum=1, default=500),
+        "keep": integer("How many of the latest checkpoints to keep.", minimum=1, default=3),
+    },
+    required=("uri",),
+)
+
+S3 = obj(
+    "S3 access for s3:// URIs.",
+    {
+        "secretRef": string("Name of a Secret in the job's namespace with the keys "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+                            "AWS_SESSION_TOKEN). Empty uses the pods' own identity.",
+                            pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", maxLength=253),
+        "endpoint": string("S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty "
+                           "for AWS.", pattern=r"^$|^https?://[^\s/]+(/.*)?$"),
+        "region": string("Bucket region.", default="us-east-1", minLength=1),
+    },
+    default={},
+)
+
+RUN_POLICY = obj(
+    "Retries, deadlines, suspension and clean-up.",
+    {
+        "suspend": boolean("Stop the run and delete its cluster; false again resumes from "
+                           "the latest checkpoint.", default=False),
+        "backoffLimit": integer("How many times a failed run is retried (resuming from its "
+                                "latest checkpoint).", minimum=0, maximum=100, default=3),
+        "activeDeadlineSeconds": integer("Fail the job after this many seconds of running.",
+                                         minimum=1),
+        "ttlSecondsAfterFinished": integer("Delete the FineTuneJob this long after it "
+                                           "finished.", minimum=0),
+        "cleanupPolicy": string("What happens to the RayCluster when the job finishes.",
+                                enum=["DeleteCluster", "KeepOnFailure", "Keep"],
+                                default="DeleteCluster"),
+    },
+    default={},
+)
+
+SPEC = obj(
+    "What to fine-tune, on what, and how.",
+    {
+        "model": MODEL,
+        "dataset": DATASET,
+        "strategy": STRATEGY,
+        "training": TRAINING,
+        "resources": RESOURCES,
+        "checkpoint": CHECKPOINT,
+        "s3": S3,
+        "runPolicy": RUN_POLICY,
+    },
+    required=("model", "dataset", "checkpoint"),
+    rules=(
+        rule("!has(self.strategy.fsdp) || self.strategy.fsdp.shardingStrategy != 'HYBRID_SHARD' "
+             "|| self.resources.workers > 1",
+             "HYBRID_SHARD needs more than one worker", ".strategy.fsdp.shardingStrategy"),
+        rule("self.training.precision != 'fp16' || self.resources.gpusPerWorker > 0",
+             "precision fp16 needs GPUs (gpusPerWorker > 0); use bf16 or fp32 on CPU",
+             ".training.precision"),
+        rule("self.strategy.type != 'fsdp' || !has(self.strategy.fsdp) "
+             "|| !self.strategy.fsdp.cpuOffload || self.strategy.fsdp.shardingStrategy != "
+             "'NO_SHARD'",
+             "cpuOffload needs a sharding strategy other than NO_SHARD",
+             ".strategy.fsdp.cpuOffload"),
+    ),
+)
+
+CONDITION = obj(
+    "An observation of the job's state.",
+    {
+        "type": string("Ready, ClusterReady, Submitted, Progressing, Succeeded, Failed, ..."),
+        "status": string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+        "reason": string("A CamelCase word for programs."),
+        "message": string("A sentence for people."),
+        "lastTransitionTime": string("When status last changed.", format="date-time"),
+        "observedGeneration": integer("The spec generation this condition is about."),
+    },
+    required=("type", "status"),
+)
+
+STATUS = obj(
+    "What the operator observed. Written only by the operator.",
+    {
+        "phase": string("Where the job is in its life.", enum=list(PHASES)),
+        "message": string("A sentence on the current phase."),
+        "observedGeneration": integer("The spec generation the status is about."),
+        "conditions": {"type": "array", "description": "Latest observations.",
+                       "items": CONDITION,
+                       "x-kubernetes-list-type": "map",
+                       "x-kubernetes-list-map-keys": ["type"]},
+        "progress": obj("Training progress from the trainer's log.", {
+            "step": integer("Optimizer steps done."),
+            "totalSteps": integer("Optimizer steps planned."),
+            "percent": integer("step / totalSteps in percent."),
+            "loss": number("Latest training loss."),
+            "learningRate": number("Current learning rate."),
+            "tokensPerSecond": number("Training throughput over all workers."),
+            "etaSeconds": integer("Estimated seconds to the end."),
+            "updatedAt": string("When the trainer reported this.", format="date-time"),
+        }),
+        "checkpoint": obj("The latest complete checkpoint.", {
+            "uri": string("Where it is."),
+            "step": integer("The optimizer step it holds."),
+        }),
+        "output": obj("What the job produced.", {
+            "modelUri": string("The consolidated Hugging Face model."),
+        }),
+        "retries": integer("Failed attempts retried so far."),
+        "rayCluster": string("Name of the RayCluster running the job."),
+        "rayJobId": string("Submission id of the current Ray job."),
+        "startTime": string("When the job first ran.", format="date-time"),
+        "runningSince": string("When the current attempt started running.", format="date-time"),
+        "completionTime": string("When the job finished.", format="date-time"),
+        "logTail": string("The last lines of a failed attempt's log."),
+        "logUri": string("Where the failed attempt's full log was saved."),
+    },
+)
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
+    {"name": "Workers", "type": "integer", "jsonPath": ".spec.resources.workers"},
+    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+     "description": "Percent of the planned optimizer steps done."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def openapi_schema() -> Schema:
+    """The FineTuneJob's openAPIV3Schema, as the CRD carries it."""
+    return {
+        "type": "object",
+        "description": "A fine-tuning run of a large language model on a Ray cluster.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": SPEC,
+            "status": STATUS,
+        },
+        "required": ["spec"],
+    }

@@ -1,0 +1,1 @@
+"""The FineTuneJob operator (kopf). Never imports torch, deepspeed or transformers."""
