@@ -1,0 +1,86 @@
+"""The spec reference (docs/spec-reference.md), generated from the schema so it cannot drift."""
+
+from __future__ import annotations
+
+import json
+
+from . import API_VERSION, KIND
+from .schema import Schema, openapi_schema
+
+
+def _type(schema: Schema) -> str:
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"array of {_type(schema.get('items', {}))}"
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"map of {schema['additionalProperties'].get('type', 'any')}"
+    return kind
+
+
+def _constraints(schema: Schema) -> str:
+    out = []
+    if "enum" in schema:
+        out.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
+    if "minimum" in schema:
+        out.append(("> " if schema.get("exclusiveMinimum") else "≥ ") + str(schema["minimum"]))
+    if "maximum" in schema:
+        out.append(f"≤ {schema['maximum']}")
+    if "pattern" in schema:
+        out.append(f"matches `{schema['pattern']}`")
+    if "maxItems" in schema:
+        out.append(f"at most {schema['maxItems']} items")
+    return "; ".join(out)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _rows(schema: Schema, path: str, required: set[str], rows: list[str], rules: list[str]):
+    for spec in schema.get("x-kubernetes-validations", []):
+        where = path + spec.get("fieldPath", "")
+        rules.append(f"| `{where}` | {_cell(spec['message'])} | `{_cell(spec['rule'])}` |")
+    for key, child in (schema.get("properties") or {}).items():
+        field = f"{path}.{key}"
+        default = f"`{json.dumps(child['default'])}`" if "default" in child else ""
+        rows.append(f"| `{field}` | {_type(child)} | {'yes' if key in required else ''} | "
+                    f"{default} | {_cell(_constraints(child))} | {_cell(child.get('description', ''))} |")
+        if child.get("type") == "object":
+            _rows(child, field, set(child.get("required", [])), rows, rules)
+        elif child.get("type") == "array" and child.get("items", {}).get("type") == "object":
+            _rows(child["items"], f"{field}[]", set(child["items"].get("required", [])),
+                  rows, rules)
+
+
+def render_reference() -> str:
+    spec = openapi_schema()["properties"]["spec"]
+    rows: list[str] = []
+    rules: list[str] = []
+    _rows(spec, "spec", set(spec.get("required", [])), rows, rules)
+    status_rows: list[str] = []
+    _rows(openapi_schema()["properties"]["status"], "status", set(), status_rows, [])
+    return "\n".join([
+        f"# {KIND} spec reference (`{API_VERSION}`)",
+        "",
+        "Generated from `api/finetune_api/schema.py` by `finetune docs`; do not edit by hand.",
+        "The same schema is the CRD in `crds/` and the validator of `finetune validate`.",
+        "",
+        "## Fields",
+        "",
+        "| field | type | required | default | constraints | description |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Cross-field rules (CEL, checked at admission and by `finetune validate`)",
+        "",
+        "| field | message | rule |",
+        "|---|---|---|",
+        *rules,
+        "",
+        "## Status (written by the operator)",
+        "",
+        "| field | type | required | default | constraints | description |",
+        "|---|---|---|---|---|---|",
+        *status_rows,
+        "",
+    ])

@@ -1,0 +1,35 @@
+"""The trainer's error types and the exit codes they map to.
+
+The CLI and the operator read the exit code to tell a job that can never work (bad spec, bad
+input: do not retry) from one that failed while training (retry from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_TRAINING_FAILED = 1
+EXIT_INVALID_JOB = 2
+EXIT_BAD_INPUT = 3
+
+
+class TrainerError(Exception):
+    """An error with a one-line message meant for people; never shown with a traceback."""
+
+    reason = "TrainingFailed"
+    exit_code = EXIT_TRAINING_FAILED
+
+
+class InvalidJobError(TrainerError):
+    reason = "InvalidJob"
+    exit_code = EXIT_INVALID_JOB
+
+
+class BadInputError(TrainerError):
+    """Missing bucket, model or dataset, unreadable data, GPUs asked for but absent..."""
+
+    reason = "BadInput"
+    exit_code = EXIT_BAD_INPUT
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the FINETUNE_FAULT_AFTER_STEP test hook (see train_loop)."""

@@ -1,0 +1,84 @@
+"""A tiny Llama-style model, a real tokenizer and a learnable dataset, built offline.
+
+Used by `finetune demo`-style commands and by the tests: everything is saved exactly like a
+real checkpoint (`save_pretrained`, safetensors, tokenizer.json), so the trainer loads it
+through the same code path as a Hub model. Deterministic: the same seed gives the same bytes
+of text and the same initial weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>"]
+
+# A small closed world: sentences follow one grammar, so a 2-layer model learns the word
+# order (and most of the next-word distribution) within a few dozen steps.
+_SUBJECTS = ["the cat", "the dog", "a bird", "the fox", "my friend", "the teacher", "a child", "the farmer"]
+_VERBS = ["sees", "likes", "follows", "finds", "watches", "helps", "calls", "feeds"]
+_OBJECTS = ["the ball", "a tree", "the river", "the house", "a cake", "the moon", "the garden", "a horse"]
+_PLACES = ["in the morning", "at night", "near the lake", "every day", "after lunch", "in the park"]
+
+
+def make_sentences(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_PLACES)} ."
+        out.append(s)
+    return out
+
+
+def build_tokenizer(texts: list[str]):
+    """A word-level tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>", model_max_length=4096)
+
+
+def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=1024, attention_dropout=0.0, rms_norm_eps=1e-6,
+        # Untied: every parameter belongs to exactly one module, the simplest case for ZeRO-3
+        # and FSDP partitioning.
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def build_tiny_assets(out_dir: str, seed: int = 0, sentences: int = 400) -> dict[str, str]:
+    """Write <out_dir>/model (HF model + tokenizer) and <out_dir>/data/train.jsonl.
+
+    Returns {"model_dir": ..., "dataset_path": ...} (absolute paths).
+    """
+    out_dir = os.path.abspath(out_dir)
+    model_dir = os.path.join(out_dir, "model")
+    data_dir = os.path.join(out_dir, "data")
+    os.makedirs(model_dir, exist_ok=True)
+    os.makedirs(data_dir, exist_ok=True)
+    texts = make_sentences(sentences, seed)
+    tokenizer = build_tokenizer(texts)
+    model = build_tiny_model(tokenizer, seed)
+    model.save_pretrained(model_dir)  # safetensors
+    tokenizer.save_pretrained(model_dir)
+    dataset_path = os.path.join(data_dir, "train.jsonl")
+    with open(dataset_path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return {"model_dir": model_dir, "dataset_path": dataset_path}
