@@ -5,6 +5,7 @@ operator image) and `finetune run` never loads kopf."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -84,17 +85,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
     job = _load_one_job(args.job)
     settings = Settings.from_env()
     if args.image:
-        settings = settings.replace(default_trainer_image=args.image)
+        settings = dataclasses.replace(settings, default_trainer_image=args.image)
     manifests = render_job(job, settings)
     sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
     return 0
 
 
-def _cmd_operator(args: argparse.Namespace) -> int:
+def _run_operator(argv: Sequence[str]) -> int:
     from finetune_operator.main import run
     from finetune_operator.settings import Settings
 
-    return run(Settings.from_env(args.operator_args)) or 0
+    return run(Settings.from_args(argv)) or 0
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -153,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="trainer image when the job names none")
     p.set_defaults(func=_cmd_render)
 
-    p = sub.add_parser("operator", help="run the operator (arguments go to its settings)")
-    p.add_argument("operator_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_operator)
+    # `finetune operator ...` hands its flags to the operator's own parser (see main()); this
+    # entry is for --help.
+    sub.add_parser("operator", help="run the operator (`finetune operator --help` for its "
+                                    "settings)", add_help=False)
 
     p = sub.add_parser("make-tiny", help="build a tiny model, tokenizer and dataset")
     p.add_argument("out", help="folder to write them to")
@@ -173,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:
+        return _run_operator(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
