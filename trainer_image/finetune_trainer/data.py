@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 from .errors import BadInputError
 from .storage import Location, list_files
 
+SAMPLE_BYTES = 1 << 20
 FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
 
@@ -49,21 +50,36 @@ def data_files(loc: Location, declared: str) -> list[tuple[str, str]]:
     return known
 
 
-def read_documents(fs: pafs.FileSystem, path: str, fmt: str, text_field: str) -> list[str]:
-    """The documents of one file; BadInputError naming the file and the problem."""
+def read_documents(fs: pafs.FileSystem, path: str, fmt: str, text_field: str,
+                   sample: bool = False) -> list[str]:
+    """The documents of one file; BadInputError naming the file and the problem.
+
+    sample=True reads only the start (the first MiB of text, the first parquet row group):
+    enough for the driver's preflight to prove the file is readable, without reading a
+    large dataset on the driver.
+    """
     shown = path
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            schema = pq.read_schema(path, filesystem=fs)
-            if text_field not in schema.names:
-                raise BadInputError(f"dataset file {shown} has no column {text_field!r} "
-                                    f"(columns: {', '.join(schema.names)})")
-            table = pq.read_table(path, columns=[text_field], filesystem=fs)
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                if text_field not in names:
+                    raise BadInputError(f"dataset file {shown} has no column {text_field!r} "
+                                        f"(columns: {', '.join(names)})")
+                if sample:
+                    table = pf.read_row_group(0, columns=[text_field]) if pf.num_row_groups else None
+                else:
+                    table = pf.read(columns=[text_field])
+            if table is None:
+                return []
             return [t for t in table.column(text_field).to_pylist() if isinstance(t, str) and t.strip()]
         with fs.open_input_stream(path) as f:
-            raw = f.read()
+            raw = f.read(SAMPLE_BYTES) if sample else f.read()
+        if sample and len(raw) == SAMPLE_BYTES and b"\n" in raw:
+            raw = raw[:raw.rindex(b"\n") + 1]  # drop the line the sample cut in two
     except BadInputError:
         raise
     except Exception as exc:  # pyarrow raises OSError/ArrowInvalid with a useful one-liner
@@ -95,12 +111,13 @@ def read_documents(fs: pafs.FileSystem, path: str, fmt: str, text_field: str) ->
 def check_dataset(loc: Location, declared: str, text_field: str) -> int:
     """Preflight: files exist, the first ones parse, and there is at least one document.
 
-    Reads files in order until one holds a document, so an empty dataset is caught without
-    reading a large one in full. Returns the number of files.
+    Samples files in order until one holds a document, so an empty dataset is caught without
+    reading a large one in full (a bad record deep inside a file is found by the workers,
+    which fail with the same BadInput message). Returns the number of files.
     """
     files = data_files(loc, declared)
     for path, fmt in files:
-        if read_documents(loc.filesystem, path, fmt, text_field):
+        if read_documents(loc.filesystem, path, fmt, text_field, sample=True):
             return len(files)
     raise BadInputError(f"dataset {loc.uri} holds no non-empty documents (field {text_field!r})")
 

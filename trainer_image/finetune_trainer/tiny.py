@@ -16,17 +16,17 @@ SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>"]
 
 # A small closed world: sentences follow one grammar, so a 2-layer model learns the word
 # order (and most of the next-word distribution) within a few dozen steps.
-_SUBJECTS = ["the cat", "the dog", "a bird", "the fox", "my friend", "the teacher", "a child", "the farmer"]
-_VERBS = ["sees", "likes", "follows", "finds", "watches", "helps", "calls", "feeds"]
-_OBJECTS = ["the ball", "a tree", "the river", "the house", "a cake", "the moon", "the garden", "a horse"]
-_PLACES = ["in the morning", "at night", "near the lake", "every day", "after lunch", "in the park"]
+SUBJECTS = ["the cat", "the dog", "a bird", "the fox", "my friend", "the teacher", "a child", "the farmer"]
+VERBS = ["sees", "likes", "follows", "finds", "watches", "helps", "calls", "feeds"]
+OBJECTS = ["the ball", "a tree", "the river", "the house", "a cake", "the moon", "the garden", "a horse"]
+PLACES = ["in the morning", "at night", "near the lake", "every day", "after lunch", "in the park"]
 
 
 def make_sentences(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_PLACES)} ."
+        s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)} ."
         out.append(s)
     return out
 

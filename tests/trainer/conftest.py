@@ -1,0 +1,84 @@
+"""Helpers for the trainer tests: build a job document, run the real entrypoint."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from finetune_api.events import parse_events
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class TrainerRun:
+    rc: int
+    stdout: str
+    stderr: str
+    events: list = field(default_factory=list)
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == kind]
+
+    def losses(self) -> dict[int, float]:
+        return {e["step"]: e["loss"] for e in self.of("progress")}
+
+    def explain(self) -> str:
+        return f"rc={self.rc}\n--- stdout tail\n{self.stdout[-6000:]}\n--- stderr tail\n{self.stderr[-6000:]}"
+
+
+@pytest.fixture
+def make_job(s3_server, tiny_assets):
+    """A FineTuneJob document on the tiny assets in moto S3; `spec` deep-merges into its spec."""
+
+    def make(name: str, spec: dict | None = None) -> dict:
+        doc = {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"uri": tiny_assets.model_uri},
+                "dataset": {"uri": tiny_assets.dataset_uri, "maxSeqLength": 32},
+                "strategy": {"type": "deepspeed"},
+                "training": {"maxSteps": 4, "microBatchSize": 4, "learningRate": 0.01,
+                             "warmupSteps": 1, "lrScheduler": "constant", "precision": "fp32"},
+                "resources": {"workers": 2, "gpusPerWorker": 0, "cpusPerWorker": 1, "memoryPerWorker": "2Gi"},
+                "checkpoint": {"uri": f"s3://{s3_server.bucket}/runs-{uuid.uuid4().hex[:8]}",
+                               "everySteps": 100, "keep": 2},
+                "s3": {"endpoint": s3_server.endpoint, "region": "us-east-1"},
+            },
+        }
+        doc["spec"] = deep_update(doc["spec"], spec or {})
+        return doc
+
+    return make
+
+
+@pytest.fixture
+def run_trainer(ray_address, tmp_path):
+    """Run `python -m finetune_trainer --job FILE` against the session's Ray instance."""
+
+    def run(doc: dict, *, env: dict | None = None, fresh: bool = False, timeout: int = 300,
+            join_ray: bool = True) -> TrainerRun:
+        path = tmp_path / f"{doc['metadata']['name']}-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if join_ray:
+            full_env["RAY_ADDRESS"] = ray_address
+        cmd = [sys.executable, "-m", "finetune_trainer", "--job", str(path)] + (["--fresh"] if fresh else [])
+        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        return TrainerRun(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout.splitlines()))
+
+    return run

@@ -1,0 +1,55 @@
+"""`finetune-train`: run one FineTuneJob with Ray Train (see launcher.run_job)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def load_job(args):
+    """The job from --job FILE or $FINETUNE_JOB (YAML or JSON text)."""
+    import yaml
+
+    from finetune_api.model import FineTuneJob
+
+    if args.job:
+        try:
+            with open(args.job) as f:
+                text = f.read()
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read job file {args.job}: {exc.strerror}") from None
+    elif os.environ.get("FINETUNE_JOB"):
+        text = os.environ["FINETUNE_JOB"]
+    else:
+        raise FileNotFoundError("no job given: pass --job FILE or set FINETUNE_JOB")
+    try:
+        doc = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the job is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    return FineTuneJob.from_document(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-train", description=__doc__)
+    parser.add_argument("--job", help="FineTuneJob YAML/JSON file (default: $FINETUNE_JOB)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start from the base model even if the run has checkpoints "
+                             "(default: resume; also FINETUNE_FRESH=1)")
+    args = parser.parse_args(argv)
+    fresh = args.fresh or os.environ.get("FINETUNE_FRESH", "") in ("1", "true", "yes")
+
+    from .errors import EXIT_INVALID_JOB
+    from .launcher import fail, run_job
+
+    try:
+        job = load_job(args)
+    except Exception as exc:  # ValidationError lists every bad field in its message
+        return fail("InvalidJob", " ".join(str(exc).split()), EXIT_INVALID_JOB)
+    return run_job(job, fresh=fresh)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
