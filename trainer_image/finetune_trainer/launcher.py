@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -121,8 +122,22 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(last.split())[:500]
 
 
+def with_absolute_file_uris(job: FineTuneJob) -> FineTuneJob:
+    """file://relative/path means relative to where the job was started; Ray workers run
+    in a directory of their own, so they must get the absolute path."""
+    doc = copy.deepcopy(job.document)
+    changed = False
+    for section in ("model", "dataset", "checkpoint"):
+        uri = doc["spec"][section]["uri"]
+        if uri.startswith("file://") and not uri.startswith("file:///"):
+            doc["spec"][section]["uri"] = "file://" + os.path.abspath(uri[len("file://"):])
+            changed = True
+    return FineTuneJob.from_document(doc) if changed else job
+
+
 def run_job(job: FineTuneJob, fresh: bool = False) -> int:
     """Run the job to completion on Ray Train; returns the process exit code."""
+    job = with_absolute_file_uris(job)
     try:
         ckpt = preflight(job)
     except TrainerError as exc:
