@@ -43,7 +43,7 @@ class Settings:
     # How often a job's world is re-read while it is active, and the longest back-off for
     # conditions that wait on people (a missing Secret) or on the network (the dashboard).
     reconcile_interval: float = 10.0
-    max_backoff: float = 300.0
+    max_backoff: float = 60.0
     # The Ray dashboard is reached at http://<status.head.serviceIP>:<endpoints.dashboard>
     # as KubeRay publishes them; an operator outside the cluster (tests, port-forwards)
     # overrides the host.
@@ -58,6 +58,10 @@ class Settings:
     watch_server_timeout: int = 300
     watch_client_timeout: int = 330
     request_timeout: float = 60.0
+    # Extra environment for the trainer's driver and workers, as KEY=VALUE (debug and test
+    # hooks such as FINETUNE_FAULT_AFTER_STEP); never for credentials, which come from
+    # the job's Secret.
+    trainer_env: tuple[str, ...] = ()
     # JSON logs for log collectors; plain text for people at a terminal.
     log_format: str = "json"
     verbose: bool = False
@@ -78,15 +82,24 @@ class Settings:
         values = vars(args)
         values["namespaces"] = tuple(n for part in values["namespaces"] or ()
                                      for n in part.split(",") if n)
+        values["trainer_env"] = tuple(values["trainer_env"] or ())
+        for item in values["trainer_env"]:
+            if "=" not in item:
+                raise SystemExit(f"--trainer-env wants KEY=VALUE, got {item!r}")
         return cls(**values)
+
+    @property
+    def trainer_env_vars(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.trainer_env)
 
 
 def _env_default(field: dataclasses.Field, environ: Mapping[str, str]):
     raw = environ.get(ENV_PREFIX + field.name.upper())
     if raw is None:
         return field.default
-    if field.name == "namespaces":
-        return [raw]
+    if field.name in ("namespaces", "trainer_env"):
+        return [part for part in raw.split(";") if part] if field.name == "trainer_env" \
+            else [raw]
     if field.type in ("bool", bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
     if field.type in ("int", int):
@@ -123,6 +136,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--watch-server-timeout", type=int, default=d["watch_server_timeout"])
     p.add_argument("--watch-client-timeout", type=int, default=d["watch_client_timeout"])
     p.add_argument("--request-timeout", type=float, default=d["request_timeout"])
+    p.add_argument("--trainer-env", action="append", default=d["trainer_env"] or None,
+                   metavar="KEY=VALUE", help="extra env for the trainer (repeatable)")
     p.add_argument("--log-format", choices=["json", "plain"], default=d["log_format"])
     p.add_argument("-v", "--verbose", action="store_true", default=d["verbose"])
     return p

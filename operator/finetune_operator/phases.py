@@ -1,0 +1,518 @@
+"""The FineTuneJob state machine: a pure function from (job, observed world) to a decision.
+
+`decide` reads what the reconciler observed (the job's status, its S3 Secret, its
+RayCluster, its Ray job) and returns the actions to take, the next phase, the conditions
+and the Events to post. It does no I/O, so every transition is a row in a unit test.
+
+    Pending ──► Provisioning ──► Running ──► Succeeded
+                     ▲              │   └──► Failed (backoffLimit, DeadlineExceeded)
+                     │              ▼
+                     └──────── Retrying          any active phase ◄──► Suspended
+
+The Ray job's submission id is written to status.rayJobId before the job is submitted (or
+in the same status write as the submission), and it is deterministic, so a restarted
+operator looks the id up instead of submitting a second time. A new attempt (retry, lost
+cluster, resume after suspension) gets the next id (`-a<N+1>`); the `Submitted` condition
+says whether the current id was submitted.
+
+Reading the trainer's progress from the Ray job's log is part of observing (the reconciler
+does it before calling `decide`), so it is not an action here.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from finetune_api.model import FineTuneJob
+
+# Phases (the schema's enum).
+PENDING = "Pending"
+PROVISIONING = "Provisioning"
+RUNNING = "Running"
+RETRYING = "Retrying"
+SUSPENDED = "Suspended"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+FINISHED = (SUCCEEDED, FAILED)
+ACTIVE = (PENDING, PROVISIONING, RUNNING, RETRYING)
+
+# Condition types.
+COND_READY = "Ready"              # inputs and cluster are ready for the run
+COND_RUNNING = "Running"          # a Ray job of this FineTuneJob is running
+COND_SUSPENDED = "Suspended"
+COND_SPEC_ACCEPTED = "SpecAccepted"
+COND_SUBMITTED = "Submitted"     # status.rayJobId was submitted to Ray
+COND_SUCCEEDED = "Succeeded"
+COND_FAILED = "Failed"
+
+# The trainer's exit codes for a job that can never work: retrying does not help.
+NON_RETRYABLE_EXIT_CODES = {2: "InvalidJob", 3: "BadInput"}  # = Reason.INVALID_JOB, BAD_INPUT
+
+
+class Reason:
+    """Event and condition reasons: CamelCase words that programs match on."""
+    CREATED = "Created"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_KEY_MISSING = "SecretKeyMissing"
+    CLUSTER_CREATING = "ClusterCreating"
+    CLUSTER_PROVISIONING = "ClusterProvisioning"
+    CLUSTER_READY = "ClusterReady"
+    CLUSTER_FAILED = "ClusterFailed"
+    CLUSTER_LOST = "ClusterLost"
+    CLUSTER_NAME_CONFLICT = "ClusterNameConflict"
+    CLUSTER_DELETED = "ClusterDeleted"
+    DASHBOARD_UNREACHABLE = "DashboardUnreachable"
+    JOB_SUBMITTED = "JobSubmitted"
+    JOB_PENDING = "JobPending"
+    JOB_RUNNING = "JobRunning"
+    ATTEMPT_FAILED = "AttemptFailed"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUCCEEDED = "Succeeded"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    SPEC_ACCEPTED = "SpecAccepted"
+    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
+    TTL_EXPIRED = "TTLExpired"
+    INVALID_JOB = "InvalidJob"
+    BAD_INPUT = "BadInput"
+
+
+class ClusterState(enum.Enum):
+    ABSENT = "absent"
+    PROVISIONING = "provisioning"   # exists, KubeRay has not reported `ready` yet
+    READY = "ready"
+    FAILED = "failed"
+    FOREIGN = "foreign"             # a RayCluster of that name that is not this job's
+
+
+class SecretState(enum.Enum):
+    NOT_NEEDED = "not-needed"       # spec.s3.secretRef is empty: the pods' own identity
+    PRESENT = "present"
+    MISSING = "missing"
+    INCOMPLETE = "incomplete"       # exists but lacks a required key
+
+
+class RayJobState(enum.Enum):
+    UNKNOWN = "unknown"             # not looked up (no ready cluster)
+    UNREACHABLE = "unreachable"     # the dashboard did not answer
+    NOT_FOUND = "not-found"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    @property
+    def active(self) -> bool:
+        return self in (RayJobState.PENDING, RayJobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the reconciler saw in one pass."""
+    job: FineTuneJob
+    generation: int
+    status: dict[str, Any]
+    now: datetime
+    secret: SecretState = SecretState.NOT_NEEDED
+    cluster: ClusterState = ClusterState.ABSENT
+    ray_job: RayJobState = RayJobState.UNKNOWN
+    ray_job_message: str = ""
+    # Immutable fields that changed while the run was active (rejected, see reconcile.py).
+    rejected_fields: tuple[str, ...] = ()
+    # The driver's exit code as Ray reports it (None while running or if unknown).
+    exit_code: int | None = None
+    # The trainer's `failed` event message, if its log had one.
+    failure_message: str = ""
+
+
+# Actions: small records the reconciler executes in order.
+@dataclass(frozen=True)
+class CreateCluster:
+    pass
+
+
+@dataclass(frozen=True)
+class DeleteCluster:
+    pass
+
+
+@dataclass(frozen=True)
+class Submit:
+    submission_id: str
+
+
+@dataclass(frozen=True)
+class StopJob:
+    submission_id: str
+
+
+@dataclass(frozen=True)
+class SaveLog:
+    """Keep a failed attempt's log: the tail in status, the whole next to the checkpoints."""
+    submission_id: str
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """ttlSecondsAfterFinished ran out: delete the FineTuneJob itself."""
+    pass
+
+
+Action = CreateCluster | DeleteCluster | Submit | StopJob | SaveLog | DeleteJob
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str       # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str     # "True", "False", "Unknown"
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    phase: str
+    message: str
+    actions: list[Action] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)   # other status fields to merge
+    # Seconds until the next look; None takes the reconcile interval.
+    requeue_after: float | None = None
+    # Waiting on something outside the operator (a Secret, the network): the reconciler
+    # backs off exponentially while the same reason persists.
+    backoff: bool = False
+
+    @property
+    def reason(self) -> str | None:
+        """The reason of the first condition: what a table test checks."""
+        return self.conditions[0].reason if self.conditions else None
+
+
+def submission_id(job: FineTuneJob, attempt: int) -> str:
+    """Deterministic per job and attempt: a Ray head refuses a second submit of one id."""
+    uid = (job.uid or "nouid").replace("-", "")[:8]
+    return f"{job.name}-{uid}-a{attempt}"
+
+
+_ATTEMPT = re.compile(r"-a(\d+)$")
+
+
+def attempt_of(sub_id: str | None) -> int:
+    match = _ATTEMPT.search(sub_id or "")
+    return int(match.group(1)) if match else 0
+
+
+def next_submission_id(job: FineTuneJob, current: str | None) -> str:
+    return submission_id(job, attempt_of(current) + 1)
+
+
+def iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _cleanup_actions(job: FineTuneJob, phase: str, cluster: ClusterState) -> list[Action]:
+    if cluster in (ClusterState.ABSENT, ClusterState.FOREIGN):
+        return []
+    policy = job.spec.run_policy.cleanup_policy
+    if policy == "Keep" or (policy == "KeepOnFailure" and phase == FAILED):
+        return []
+    return [DeleteCluster()]
+
+
+def _finished(obs: Observed, phase: str) -> Decision:
+    """Succeeded/Failed are final: clean up per policy, expire by TTL, never recreate."""
+    job, status = obs.job, obs.status
+    decision = Decision(phase=phase, message=status.get("message") or phase)
+    decision.actions += _cleanup_actions(job, phase, obs.cluster)
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    done = parse_time(status.get("completionTime"))
+    if ttl is not None and done is not None:
+        expires = done + timedelta(seconds=ttl)
+        if obs.now >= expires:
+            decision.actions.append(DeleteJob())
+            decision.events.append(Event("Normal", Reason.TTL_EXPIRED,
+                                         f"Deleting the job {ttl}s after it finished"))
+        else:
+            decision.requeue_after = (expires - obs.now).total_seconds()
+    elif not decision.actions:
+        # Nothing will change any more: look rarely.
+        decision.requeue_after = 3600.0
+    return decision
+
+
+def _finish(obs: Observed, phase: str, reason: str, message: str,
+            extra_actions: list[Action] = ()) -> Decision:
+    """The transition into Succeeded or Failed."""
+    ok = phase == SUCCEEDED
+    decision = Decision(phase=phase, message=message)
+    decision.actions += list(extra_actions)
+    decision.actions += _cleanup_actions(obs.job, phase, obs.cluster)
+    decision.conditions += [
+        Condition(COND_SUCCEEDED if ok else COND_FAILED, "True", reason, message),
+        Condition(COND_RUNNING, "False", reason, message),
+    ]
+    decision.events.append(Event("Normal" if ok else "Warning", reason, message))
+    decision.status["completionTime"] = iso(obs.now)
+    return decision
+
+
+def decide(obs: Observed) -> Decision:
+    job, status = obs.job, obs.status
+    phase = status.get("phase") or PENDING
+    sub_id = status.get("rayJobId")
+
+    if phase in FINISHED:
+        return _finished(obs, phase)
+
+    decision = _decide_active(obs, phase, sub_id)
+
+    # A rejected spec change never stops the run; it is reported beside whatever happens.
+    if obs.rejected_fields:
+        fields = ", ".join(obs.rejected_fields)
+        msg = (f"Changes to {fields} are ignored while the job is {phase}; "
+               "suspend the job to change them")
+        decision.conditions.append(Condition(COND_SPEC_ACCEPTED, "False",
+                                             Reason.IMMUTABLE_FIELD_CHANGED, msg))
+        if not _has_condition(status, COND_SPEC_ACCEPTED, "False",
+                              Reason.IMMUTABLE_FIELD_CHANGED, msg):
+            decision.events.append(Event("Warning", Reason.IMMUTABLE_FIELD_CHANGED, msg))
+    elif _has_condition(status, COND_SPEC_ACCEPTED, "False"):
+        decision.conditions.append(Condition(COND_SPEC_ACCEPTED, "True", Reason.SPEC_ACCEPTED,
+                                             "The spec in effect is the current one"))
+    return decision
+
+
+def _has_condition(status: dict[str, Any], ctype: str, cstatus: str,
+                   reason: str | None = None, message: str | None = None) -> bool:
+    for c in status.get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == cstatus:
+            return ((reason is None or c.get("reason") == reason)
+                    and (message is None or c.get("message") == message))
+    return False
+
+
+def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
+    job, status = obs.job, obs.status
+    policy = job.spec.run_policy
+    retries = int(status.get("retries") or 0)
+
+    # Suspension wins over everything but a finished job.
+    if policy.suspend:
+        actions: list[Action] = []
+        if sub_id and obs.ray_job.active:
+            actions.append(StopJob(sub_id))
+        if obs.cluster not in (ClusterState.ABSENT, ClusterState.FOREIGN):
+            actions.append(DeleteCluster())
+        msg = "Suspended: the Ray job is stopped and the RayCluster deleted"
+        d = Decision(phase=SUSPENDED, message=msg, actions=actions)
+        d.conditions += [Condition(COND_SUSPENDED, "True", Reason.SUSPENDED, msg),
+                         Condition(COND_READY, "False", Reason.SUSPENDED, msg),
+                         Condition(COND_RUNNING, "False", Reason.SUSPENDED, msg),
+                         Condition(COND_SUBMITTED, "False", Reason.SUSPENDED, msg)]
+        if phase != SUSPENDED:
+            d.events.append(Event("Normal", Reason.SUSPENDED, msg))
+        return d
+
+    if phase == SUSPENDED:
+        # Resume: a fresh attempt id (the old Ray job was stopped); the trainer resumes from
+        # the latest checkpoint by itself.
+        msg = "Resumed: recreating the RayCluster"
+        d = Decision(phase=PROVISIONING, message=msg)
+        if sub_id:
+            d.status["rayJobId"] = next_submission_id(job, sub_id)
+        d.conditions += [Condition(COND_SUSPENDED, "False", Reason.RESUMED, msg)]
+        d.events.append(Event("Normal", Reason.RESUMED, msg))
+        d.requeue_after = 0.0
+        return d
+
+    # activeDeadlineSeconds counts from the first start (suspended time included).
+    started = parse_time(status.get("startTime"))
+    if policy.active_deadline_seconds is not None and started is not None:
+        if obs.now - started >= timedelta(seconds=policy.active_deadline_seconds):
+            stop = [StopJob(sub_id)] if sub_id and obs.ray_job.active else []
+            return _finish(obs, FAILED, Reason.DEADLINE_EXCEEDED,
+                           f"The job ran longer than activeDeadlineSeconds="
+                           f"{policy.active_deadline_seconds}", stop)
+
+    # Inputs: the S3 Secret must exist before any pod that mounts it is created.
+    if obs.secret in (SecretState.MISSING, SecretState.INCOMPLETE) \
+            and obs.cluster == ClusterState.ABSENT:
+        name = job.spec.s3.secret_ref
+        if obs.secret == SecretState.MISSING:
+            reason = Reason.SECRET_NOT_FOUND
+            msg = (f"Secret {name!r} (spec.s3.secretRef) not found in namespace "
+                   f"{job.namespace!r}; waiting for it")
+        else:
+            reason = Reason.SECRET_KEY_MISSING
+            msg = (f"Secret {name!r} (spec.s3.secretRef) lacks AWS_ACCESS_KEY_ID or "
+                   f"AWS_SECRET_ACCESS_KEY; waiting for them")
+        d = Decision(phase=phase, message=msg)
+        d.conditions.append(Condition(COND_READY, "False", reason, msg))
+        if not _has_condition(status, COND_READY, "False", reason):
+            d.events.append(Event("Warning", reason, msg))
+        d.backoff = True
+        return d
+
+    match obs.cluster:
+        case ClusterState.FOREIGN:
+            msg = (f"A RayCluster named {job.name!r} exists and does not belong to this "
+                   "job; delete or rename it")
+            d = Decision(phase=phase, message=msg)
+            d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_NAME_CONFLICT,
+                                          msg))
+            if not _has_condition(status, COND_READY, "False", Reason.CLUSTER_NAME_CONFLICT):
+                d.events.append(Event("Warning", Reason.CLUSTER_NAME_CONFLICT, msg))
+            d.backoff = True
+            return d
+        case ClusterState.ABSENT | ClusterState.FAILED:
+            return _cluster_gone(obs, phase, sub_id, retries)
+        case ClusterState.PROVISIONING:
+            msg = "Waiting for the RayCluster to become ready"
+            d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg)
+            d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_PROVISIONING,
+                                          msg))
+            return d
+    return _cluster_ready(obs, phase, sub_id, retries)
+
+
+def _cluster_gone(obs: Observed, phase: str, sub_id: str | None, retries: int) -> Decision:
+    """No usable RayCluster: create one (deleting a failed one first)."""
+    job = obs.job
+    failed = obs.cluster == ClusterState.FAILED
+    actions: list[Action] = [DeleteCluster()] if failed else [CreateCluster()]
+    # An attempt that was running on the lost cluster is lost with it and counts as a
+    # failed attempt, so a cluster that keeps breaking ends in Failed, not in a loop.
+    lost_attempt = phase in (RUNNING, PROVISIONING, RETRYING) and sub_id is not None \
+        and status_submitted(obs.status)
+    if lost_attempt:
+        reason = Reason.CLUSTER_FAILED if failed else Reason.CLUSTER_LOST
+        if retries >= job.spec.run_policy.backoff_limit:
+            msg = (f"The RayCluster was {'broken' if failed else 'lost'} and the backoff "
+                   f"limit ({job.spec.run_policy.backoff_limit}) is reached")
+            return _finish(obs, FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
+        msg = (f"The RayCluster was {'broken' if failed else 'lost'} during attempt "
+               f"{attempt_of(sub_id)}; recreating it and retrying")
+        d = Decision(phase=RETRYING, message=msg, actions=actions)
+        d.status.update(retries=retries + 1, rayJobId=next_submission_id(job, sub_id))
+        d.conditions += [Condition(COND_READY, "False", reason, msg),
+                         Condition(COND_RUNNING, "False", reason, msg),
+                         Condition(COND_SUBMITTED, "False", reason, msg)]
+        d.events.append(Event("Warning", reason, msg))
+        return d
+    if failed:
+        msg = "The RayCluster failed; deleting it to create it again"
+        d = Decision(phase=phase if phase != PENDING else PROVISIONING, message=msg,
+                     actions=actions)
+        d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_FAILED, msg))
+        d.events.append(Event("Warning", Reason.CLUSTER_FAILED, msg))
+        return d
+    msg = "Creating the RayCluster"
+    d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg,
+                 actions=actions)
+    d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_CREATING, msg))
+    if phase == PENDING:
+        d.events.append(Event("Normal", Reason.CLUSTER_CREATING,
+                              f"Creating RayCluster {job.name!r}"))
+    return d
+
+
+def status_submitted(status: dict[str, Any]) -> bool:
+    """Whether status.rayJobId was submitted (kept in the Submitted condition)."""
+    return _has_condition(status, COND_SUBMITTED, "True")
+
+
+def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) -> Decision:
+    job, status = obs.job, obs.status
+    sub_id = sub_id or submission_id(job, 1)
+    ready = Condition(COND_READY, "True", Reason.CLUSTER_READY, "The RayCluster is ready")
+
+    match obs.ray_job:
+        case RayJobState.UNKNOWN | RayJobState.UNREACHABLE:
+            msg = "The Ray dashboard of the RayCluster does not answer; retrying"
+            d = Decision(phase=phase if phase != PENDING else PROVISIONING, message=msg)
+            d.conditions.append(Condition(COND_READY, "False", Reason.DASHBOARD_UNREACHABLE,
+                                          msg + (f": {obs.ray_job_message}"
+                                                 if obs.ray_job_message else "")))
+            if not _has_condition(status, COND_READY, "False", Reason.DASHBOARD_UNREACHABLE):
+                d.events.append(Event("Warning", Reason.DASHBOARD_UNREACHABLE, msg))
+            d.backoff = True
+            return d
+        case RayJobState.NOT_FOUND:
+            msg = f"Submitted Ray job {sub_id}"
+            d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg,
+                         actions=[Submit(sub_id)])
+            d.status["rayJobId"] = sub_id
+            d.conditions += [ready, Condition(COND_SUBMITTED, "True", Reason.JOB_SUBMITTED, msg)]
+            d.events.append(Event("Normal", Reason.JOB_SUBMITTED, msg))
+            d.requeue_after = 0.5
+            return d
+        case RayJobState.PENDING:
+            msg = f"Ray job {sub_id} is starting"
+            d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg)
+            d.status["rayJobId"] = sub_id
+            d.conditions += [ready, Condition(COND_SUBMITTED, "True", Reason.JOB_SUBMITTED,
+                                              f"Submitted Ray job {sub_id}")]
+            return d
+        case RayJobState.RUNNING:
+            msg = f"Training (Ray job {sub_id}, attempt {attempt_of(sub_id)})"
+            d = Decision(phase=RUNNING, message=msg)
+            d.status["rayJobId"] = sub_id
+            d.conditions += [ready, Condition(COND_SUBMITTED, "True", Reason.JOB_SUBMITTED,
+                                              f"Submitted Ray job {sub_id}"),
+                             Condition(COND_RUNNING, "True", Reason.JOB_RUNNING, msg)]
+            if phase != RUNNING:
+                d.status["runningSince"] = iso(obs.now)
+                if not status.get("startTime"):
+                    d.status["startTime"] = iso(obs.now)
+                d.events.append(Event("Normal", Reason.JOB_RUNNING, msg))
+            return d
+        case RayJobState.SUCCEEDED:
+            msg = f"Training finished (Ray job {sub_id})"
+            d = _finish(obs, SUCCEEDED, Reason.SUCCEEDED, msg, [])
+            if not status.get("startTime"):
+                d.status["startTime"] = iso(obs.now)
+            return d
+    # FAILED or STOPPED (stopped by someone else: the operator stops jobs only when it
+    # leaves the active phases, so a STOPPED job here was not its doing).
+    detail = obs.failure_message or obs.ray_job_message or obs.ray_job.value
+    limit = job.spec.run_policy.backoff_limit
+    if obs.exit_code in NON_RETRYABLE_EXIT_CODES:
+        reason = NON_RETRYABLE_EXIT_CODES[obs.exit_code]
+        msg = f"The trainer refused the job ({reason}), retrying cannot help: {detail}"
+        return _finish(obs, FAILED, reason, msg, [SaveLog(sub_id)])
+    if retries >= limit:
+        msg = (f"Attempt {attempt_of(sub_id)} failed and the backoff limit ({limit}) is "
+               f"reached: {detail}")
+        return _finish(obs, FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg,
+                       [SaveLog(sub_id)])
+    next_id = next_submission_id(job, sub_id)
+    msg = (f"Attempt {attempt_of(sub_id)} failed ({detail}); retrying as {next_id} "
+           f"({retries + 1}/{limit})")
+    d = Decision(phase=RETRYING, message=msg,
+                 actions=[SaveLog(sub_id)])
+    d.status.update(retries=retries + 1, rayJobId=next_id)
+    d.conditions += [Condition(COND_RUNNING, "False", Reason.ATTEMPT_FAILED, msg),
+                     Condition(COND_SUBMITTED, "False", Reason.ATTEMPT_FAILED, msg)]
+    d.events.append(Event("Warning", Reason.ATTEMPT_FAILED, msg))
+    d.requeue_after = 0.0
+    return d

@@ -1,0 +1,196 @@
+"""Pure builders: a FineTuneJob in, the KubeRay RayCluster and its auth Secret out.
+
+Nothing here talks to the API; `reconcile.py` adopts (owner reference) and creates what
+these return, `render.py` prints it. The RayCluster follows KubeRay's `ray.io/v1` CRD:
+one head group that only hosts the dashboard and the job driver, one fixed-size worker
+group that trains.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+from finetune_api.model import FineTuneJob
+
+from .settings import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL, Settings
+
+RAY_API_VERSION = "ray.io/v1"
+RAY_KIND = "RayCluster"
+RAY_GROUP = "ray.io"
+RAY_PLURAL = "rayclusters"
+WORKER_GROUP = "workers"
+HEAD_CONTAINER = "ray-head"
+WORKER_CONTAINER = "ray-worker"
+DASHBOARD_PORT = 8265
+GCS_PORT = 6379
+CLIENT_PORT = 10001
+# KubeRay's token auth reads the token from this key of authOptions.secretName.
+AUTH_TOKEN_KEY = "auth_token"
+GPU_RESOURCE = "nvidia.com/gpu"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
+
+
+def cluster_name(job: FineTuneJob) -> str:
+    # The validator caps job names at 45 characters so that KubeRay's derived names
+    # (<cluster>-head-svc, <cluster>-workers-worker-xxxxx) stay valid DNS labels.
+    return job.name
+
+
+def auth_secret_name(job: FineTuneJob) -> str:
+    return f"{job.name}-ray-auth"
+
+
+def job_labels(job: FineTuneJob) -> dict[str, str]:
+    """Labels tying a child to its job; Kueue's queue label travels with them."""
+    labels = {JOB_LABEL: job.name, MANAGED_BY_LABEL: MANAGED_BY}
+    meta_labels = (job.document.get("metadata") or {}).get("labels") or {}
+    if QUEUE_LABEL in meta_labels:
+        labels[QUEUE_LABEL] = meta_labels[QUEUE_LABEL]
+    return labels
+
+
+def image_for(job: FineTuneJob, settings: Settings) -> str:
+    return job.spec.resources.image or settings.default_image
+
+
+def s3_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """S3 access for the trainer: credentials by reference to the user's Secret, never values."""
+    s3 = job.spec.s3
+    env: list[dict[str, Any]] = []
+    if s3.secret_ref:
+        for key in S3_SECRET_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": s3.secret_ref, "key": key}}})
+        for key in S3_OPTIONAL_SECRET_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": s3.secret_ref, "key": key, "optional": True}}})
+    if s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
+    if s3.region:
+        env.append({"name": "AWS_REGION", "value": s3.region})
+        env.append({"name": "AWS_DEFAULT_REGION", "value": s3.region})
+    return env
+
+
+def _tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+    res = job.spec.resources
+    tolerations = [dict(t) for t in res.tolerations]
+    # GPU node pools are conventionally tainted nvidia.com/gpu:NoSchedule; a job that asks
+    # for GPUs must be able to land there even if the user did not spell the toleration out.
+    if res.gpus_per_worker > 0 and not any(
+            t.get("key") == GPU_RESOURCE and t.get("effect") in (None, "NoSchedule")
+            for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists",
+                            "effect": "NoSchedule"})
+    return tolerations
+
+
+def _shm_volume(size_limit: str | None) -> dict[str, Any]:
+    # NCCL and PyTorch's data loaders use /dev/shm; the container runtime's default is 64Mi.
+    empty_dir: dict[str, Any] = {"medium": "Memory"}
+    if size_limit:
+        empty_dir["sizeLimit"] = size_limit
+    return {"name": "dshm", "emptyDir": empty_dir}
+
+
+def _container(name: str, image: str, env: list[dict[str, Any]],
+               resources: dict[str, Any], ports: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        # A copy per container: shared objects would render as YAML anchors.
+        "env": copy.deepcopy(env),
+        "resources": resources,
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if ports:
+        container["ports"] = ports
+    return container
+
+
+def build_raycluster(job: FineTuneJob, settings: Settings,
+                     auth_secret: str | None = None) -> dict[str, Any]:
+    """The RayCluster that runs `job`: namespace and owner reference are added by the caller."""
+    res = job.spec.resources
+    image = image_for(job, settings)
+    labels = job_labels(job)
+    env = s3_env(job)
+
+    head_pod = {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            "containers": [_container(
+                HEAD_CONTAINER, image, env,
+                {"requests": {"cpu": settings.head_cpu, "memory": settings.head_memory},
+                 "limits": {"cpu": settings.head_cpu, "memory": settings.head_memory}},
+                ports=[{"name": "gcs", "containerPort": GCS_PORT},
+                       {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+                       {"name": "client", "containerPort": CLIENT_PORT}])],
+            "volumes": [_shm_volume(None)],
+        },
+    }
+    if res.priority_class_name:
+        head_pod["spec"]["priorityClassName"] = res.priority_class_name
+
+    worker_resources: dict[str, Any] = {
+        "requests": {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker},
+        "limits": {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker},
+    }
+    if res.gpus_per_worker > 0:
+        # Extended resources are set in limits; Kubernetes copies them into requests.
+        worker_resources["limits"][GPU_RESOURCE] = res.gpus_per_worker
+    worker_spec: dict[str, Any] = {
+        "containers": [_container(WORKER_CONTAINER, image, env, worker_resources)],
+        "volumes": [_shm_volume(None)],
+    }
+    if res.node_selector:
+        worker_spec["nodeSelector"] = dict(res.node_selector)
+    tolerations = _tolerations(job)
+    if tolerations:
+        worker_spec["tolerations"] = tolerations
+    if res.priority_class_name:
+        worker_spec["priorityClassName"] = res.priority_class_name
+
+    spec: dict[str, Any] = {
+        "rayVersion": settings.ray_version,
+        # The worker group has a fixed size: training needs all workers at once.
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {
+            # num-cpus 0: Ray schedules no training task on the head, only the driver.
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": head_pod,
+        },
+        "workerGroupSpecs": [{
+            "groupName": WORKER_GROUP,
+            "replicas": res.workers,
+            "minReplicas": res.workers,
+            "maxReplicas": res.workers,
+            "rayStartParams": {},
+            "template": {"metadata": {"labels": dict(labels)}, "spec": worker_spec},
+        }],
+    }
+    if auth_secret:
+        spec["authOptions"] = {"mode": "token", "secretName": auth_secret}
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": RAY_KIND,
+        "metadata": {"name": cluster_name(job), "labels": labels},
+        "spec": spec,
+    }
+
+
+def build_auth_secret(job: FineTuneJob, token: str | None) -> dict[str, Any]:
+    """The Secret holding the Ray auth token; `token=None` renders it without a value."""
+    data = {AUTH_TOKEN_KEY: base64.b64encode(token.encode()).decode() if token else ""}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": auth_secret_name(job), "labels": job_labels(job)},
+        "data": data,
+    }

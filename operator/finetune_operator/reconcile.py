@@ -1,0 +1,485 @@
+"""One reconcile pass: observe the world, let `phases.decide` choose, act, write status.
+
+The pass is level-based: it reads the FineTuneJob, its Secret, its RayCluster and its Ray
+job every time, and everything it must remember between passes lives in the job's status
+(phase, rayJobId, retries, conditions) or in an annotation (the accepted spec), never only
+in memory. In-memory state (`JobMemory`) only saves work: the log cursor, the Ray auth
+token, the back-off delay. A restarted operator loses it and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import kopf
+
+from finetune_api.model import FineTuneJob
+from finetune_api.validation import ValidationError
+
+from . import phases, raycluster, tracking
+from .kube import Conflict, KubeClient, KubeError, secret_value
+from .logstore import LogStoreError, S3Credentials, save_log
+from .metrics import Metrics
+from .phases import ClusterState, Decision, Observed, RayJobState, SecretState
+from .rayjobs import DashboardUnreachable, RayJobInfo, RayJobsClient, RayJobsError
+from .settings import ACCEPTED_SPEC_ANNOTATION, JOB_LABEL, Settings
+
+logger = logging.getLogger("finetune_operator")
+
+# Fields a running job may change: everything else is fixed once the run started.
+MUTABLE_SPEC_FIELDS = ("runPolicy",)
+
+
+@dataclass
+class JobMemory:
+    cursor: tracking.LogCursor | None = None
+    token: str | None = None
+    backoff_reason: str | None = None
+    backoff_delay: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class World:
+    """What one pass observed beyond the job itself."""
+    cluster: dict[str, Any] | None = None
+    ray_info: RayJobInfo | None = None
+    log: str | None = None
+    tracked: tracking.Tracked = field(default_factory=tracking.Tracked)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def immutable_view(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k not in MUTABLE_SPEC_FIELDS}
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Dotted paths where two spec documents differ (leaves, or whole lists)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [prefix]
+
+
+def job_document(body: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The FineTuneJob as the trainer and the builders see it: metadata + a given spec."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta},
+        "spec": copy.deepcopy(spec),
+    }
+
+
+def merge_conditions(existing: list[dict[str, Any]], new: list[phases.Condition],
+                     generation: int, now: str) -> list[dict[str, Any]]:
+    """Replace conditions by type; lastTransitionTime moves only when the status flips."""
+    by_type = {c.get("type"): dict(c) for c in existing or []}
+    for c in new:
+        old = by_type.get(c.type)
+        transition = (old.get("lastTransitionTime") if old and old.get("status") == c.status
+                      else now)
+        by_type[c.type] = {"type": c.type, "status": c.status, "reason": c.reason,
+                           "message": c.message, "lastTransitionTime": transition or now,
+                           "observedGeneration": generation}
+    return list(by_type.values())
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, kube: KubeClient, http: aiohttp.ClientSession,
+                 metrics: Metrics | None = None):
+        self.settings = settings
+        self.kube = kube
+        # A session without Kubernetes credentials, for the Ray dashboards and S3.
+        self.http = http
+        self.metrics = metrics or Metrics()
+        self.memory: dict[str, JobMemory] = {}
+
+    def mem(self, key: str) -> JobMemory:
+        return self.memory.setdefault(key, JobMemory())
+
+    def forget(self, key: str) -> None:
+        self.memory.pop(key, None)
+        self.metrics.observe_phase(key, None)
+
+    def wake(self, key: str) -> None:
+        self.mem(key).wake.set()
+
+    # --- the accepted spec -------------------------------------------------------------
+
+    def accepted_spec(self, body: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...],
+                                                           bool]:
+        """(spec in effect, rejected immutable paths, whether to store it as accepted).
+
+        A job's spec is taken as it is while nothing runs (Pending, Suspended); once a run
+        started, changes to anything but runPolicy are rejected and the stored spec stays in
+        effect, with the current runPolicy.
+        """
+        spec = dict(body.get("spec") or {})
+        phase = (body.get("status") or {}).get("phase") or phases.PENDING
+        raw = ((body.get("metadata") or {}).get("annotations") or {}).get(
+            ACCEPTED_SPEC_ANNOTATION)
+        stored = None
+        if raw:
+            try:
+                stored = json.loads(raw)
+            except ValueError:
+                stored = None
+        if stored is None or phase in (phases.PENDING, phases.SUSPENDED):
+            return spec, (), stored != immutable_view(spec)
+        rejected = tuple(changed_paths(stored, immutable_view(spec)))
+        if not rejected:
+            return spec, (), False
+        effective = dict(stored)
+        for key in MUTABLE_SPEC_FIELDS:
+            if key in spec:
+                effective[key] = spec[key]
+        return effective, rejected, False
+
+    # --- observing ---------------------------------------------------------------------
+
+    async def observe_secret(self, job: FineTuneJob) -> SecretState:
+        name = job.spec.s3.secret_ref
+        if not name:
+            return SecretState.NOT_NEEDED
+        secret = await self.kube.get_secret(job.namespace, name)
+        if secret is None:
+            return SecretState.MISSING
+        if any(not secret_value(secret, k) for k in raycluster.S3_SECRET_KEYS):
+            return SecretState.INCOMPLETE
+        return SecretState.PRESENT
+
+    def cluster_state(self, job: FineTuneJob, cluster: dict[str, Any] | None) -> ClusterState:
+        if cluster is None:
+            return ClusterState.ABSENT
+        meta = cluster.get("metadata") or {}
+        owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
+        if (meta.get("labels") or {}).get(JOB_LABEL) != job.name or job.uid not in owners:
+            return ClusterState.FOREIGN
+        if meta.get("deletionTimestamp"):
+            # Going away: wait for it to be gone before creating the next one.
+            return ClusterState.PROVISIONING
+        state = ((cluster.get("status") or {}).get("state") or "").lower()
+        if state == "ready":
+            return ClusterState.READY
+        if state == "failed":
+            return ClusterState.FAILED
+        return ClusterState.PROVISIONING
+
+    def dashboard_url(self, cluster: dict[str, Any]) -> str | None:
+        status = cluster.get("status") or {}
+        head = status.get("head") or {}
+        host = self.settings.dashboard_host or head.get("serviceIP") or head.get("podIP")
+        if not host:
+            return None
+        port = (status.get("endpoints") or {}).get("dashboard") or raycluster.DASHBOARD_PORT
+        return f"http://{host}:{port}"
+
+    async def ray_token(self, job: FineTuneJob, mem: JobMemory) -> str | None:
+        if mem.token is None:
+            secret = await self.kube.get_secret(job.namespace, raycluster.auth_secret_name(job))
+            mem.token = secret_value(secret, raycluster.AUTH_TOKEN_KEY) if secret else None
+        return mem.token
+
+    async def ray_client(self, job: FineTuneJob, cluster: dict[str, Any],
+                         mem: JobMemory) -> RayJobsClient | None:
+        url = self.dashboard_url(cluster)
+        if url is None:
+            return None
+        return RayJobsClient(self.http, url, await self.ray_token(job, mem),
+                             timeout=self.settings.dashboard_timeout)
+
+    async def read_log(self, client: RayJobsClient, sub_id: str, mem: JobMemory,
+                       world: World, status: dict[str, Any]) -> None:
+        log = await client.logs(sub_id)
+        world.log = log
+        if mem.cursor is None or mem.cursor.submission_id != sub_id:
+            mem.cursor = tracking.LogCursor(sub_id)
+        events = mem.cursor.feed(log)
+        world.tracked = tracking.apply_events(events, status)
+        if mem.cursor.last_failed:
+            e = mem.cursor.last_failed
+            world.tracked.failure = f"{e.get('reason', 'Failed')}: {e.get('message', '')}"
+
+    # --- one pass ----------------------------------------------------------------------
+
+    async def reconcile(self, body: dict[str, Any]) -> float:
+        """Reconcile one job; returns the seconds until the next pass."""
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        mem = self.mem(key)
+        async with mem.lock:
+            try:
+                decision = await self._reconcile(body, mem)
+            except (KubeError, aiohttp.ClientError, TimeoutError, RayJobsError) as e:
+                # The API or a dashboard hiccuped: nothing was half-written that the next
+                # pass cannot redo, so retry with back-off.
+                self.metrics.reconcile_errors.labels(type(e).__name__).inc()
+                logger.warning("Reconcile of %s failed: %s", key, e)
+                return self._backoff(mem, type(e).__name__)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # A bug or an answer nobody expected: keep the loop alive (a crashed daemon
+                # is restarted by kopf only after a long back-off) and make it loud.
+                self.metrics.reconcile_errors.labels(type(e).__name__).inc()
+                logger.exception("Reconcile of %s failed unexpectedly", key)
+                return self._backoff(mem, type(e).__name__)
+        if decision is None:
+            return self.settings.reconcile_interval
+        self.metrics.observe_phase(key, decision.phase)
+        if decision.requeue_after is not None:
+            mem.backoff_reason = None
+            return max(0.0, decision.requeue_after)
+        if decision.backoff:
+            return self._backoff(mem, decision.reason or "backoff")
+        mem.backoff_reason = None
+        return self.settings.reconcile_interval
+
+    def _backoff(self, mem: JobMemory, reason: str) -> float:
+        base = self.settings.reconcile_interval
+        if mem.backoff_reason == reason:
+            mem.backoff_delay = min(self.settings.max_backoff, mem.backoff_delay * 2)
+        else:
+            mem.backoff_reason, mem.backoff_delay = reason, base
+        return mem.backoff_delay
+
+    async def _reconcile(self, body: dict[str, Any], mem: JobMemory) -> Decision | None:
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return None
+        status = dict(body.get("status") or {})
+        generation = int(meta.get("generation") or 1)
+        spec, rejected, store_accepted = self.accepted_spec(body)
+        try:
+            job = FineTuneJob.from_document(job_document(body, spec))
+        except ValidationError as e:
+            return await self._invalid(body, status, generation, str(e))
+        if store_accepted:
+            await self.kube.patch_job_metadata(job.namespace, job.name, {"annotations": {
+                ACCEPTED_SPEC_ANNOTATION: json.dumps(immutable_view(spec),
+                                                     sort_keys=True)}})
+
+        phase = status.get("phase") or phases.PENDING
+        world = World()
+        secret = SecretState.NOT_NEEDED
+        ray_state, ray_message = RayJobState.UNKNOWN, ""
+        client: RayJobsClient | None = None
+        if phase not in phases.FINISHED:
+            secret = await self.observe_secret(job)
+        world.cluster = await self.kube.get_raycluster(job.namespace,
+                                                       raycluster.cluster_name(job))
+        cluster_state = self.cluster_state(job, world.cluster)
+        sub_id = status.get("rayJobId") or phases.submission_id(job, 1)
+        if phase not in phases.FINISHED and cluster_state == ClusterState.READY:
+            client = await self.ray_client(job, world.cluster, mem)
+            if client is None:
+                ray_state, ray_message = RayJobState.UNREACHABLE, "no head address published"
+            else:
+                try:
+                    world.ray_info = await client.get(sub_id)
+                    if world.ray_info is None:
+                        ray_state = RayJobState.NOT_FOUND
+                    else:
+                        ray_state = RayJobState(world.ray_info.status)
+                        ray_message = world.ray_info.message
+                        await self.read_log(client, sub_id, mem, world, status)
+                except RayJobsError as e:
+                    # Shown in the Ready condition; a refused token is read again next time
+                    # (the auth Secret may have been replaced).
+                    ray_state, ray_message = RayJobState.UNREACHABLE, str(e)
+                    if not isinstance(e, DashboardUnreachable):
+                        mem.token = None
+
+        now = now_utc()
+        obs = Observed(job=job, generation=generation, status=status, now=now,
+                       secret=secret, cluster=cluster_state, ray_job=ray_state,
+                       ray_job_message=ray_message, rejected_fields=rejected,
+                       exit_code=world.ray_info.driver_exit_code if world.ray_info else None,
+                       failure_message=world.tracked.failure)
+        decision = phases.decide(obs)
+        patch: dict[str, Any] = {}
+        await self.execute(body, job, decision, world, client, mem, patch)
+        await self.write_status(body, job, status, generation, decision, world, patch, now)
+        return decision
+
+    async def _invalid(self, body: dict[str, Any], status: dict[str, Any], generation: int,
+                       message: str) -> Decision:
+        """A spec the API server admitted but the validator refuses (e.g. an old CRD)."""
+        decision = Decision(phase=phases.FAILED, message=f"Invalid spec: {message}")
+        decision.conditions.append(phases.Condition(phases.COND_SPEC_ACCEPTED, "False",
+                                                    "InvalidSpec", decision.message))
+        if status.get("phase") != phases.FAILED:
+            decision.events.append(phases.Event("Warning", "InvalidSpec", decision.message))
+            decision.status["completionTime"] = phases.iso(now_utc())
+        await self._patch(body, status, generation, decision, {}, phases.iso(now_utc()))
+        decision.requeue_after = 3600.0
+        return decision
+
+    # --- acting ------------------------------------------------------------------------
+
+    async def execute(self, body: dict[str, Any], job: FineTuneJob, decision: Decision,
+                      world: World, client: RayJobsClient | None, mem: JobMemory,
+                      patch: dict[str, Any]) -> None:
+        ns = job.namespace
+        for action in decision.actions:
+            match action:
+                case phases.CreateCluster():
+                    await self.create_cluster(body, job, mem)
+                case phases.DeleteCluster():
+                    if await self.kube.delete_raycluster(ns, raycluster.cluster_name(job)):
+                        logger.info("Deleted RayCluster %s/%s", ns, job.name)
+                case phases.Submit(submission_id=sub_id):
+                    assert client is not None  # Submit is decided only on a ready cluster
+                    await self.submit(client, job, sub_id)
+                case phases.StopJob(submission_id=sub_id):
+                    if client is not None:
+                        try:
+                            await client.stop(sub_id)
+                        except RayJobsError as e:
+                            # Deleting the cluster (which follows) ends the job anyway.
+                            logger.warning("Could not stop Ray job %s: %s", sub_id, e)
+                case phases.SaveLog(submission_id=sub_id):
+                    await self.save_failed_log(job, sub_id, world, patch)
+                case phases.DeleteJob():
+                    await self.kube.delete_job(ns, job.name)
+
+    async def create_cluster(self, body: dict[str, Any], job: FineTuneJob,
+                             mem: JobMemory) -> None:
+        ns = job.namespace
+        secret_name = raycluster.auth_secret_name(job)
+        existing = await self.kube.get_secret(ns, secret_name)
+        if existing is None:
+            # Generated once per job and owned by it; KubeRay starts Ray with it and the
+            # operator sends it as a bearer token to the dashboard.
+            token = secrets.token_hex(32)
+            secret = raycluster.build_auth_secret(job, token)
+            kopf.adopt(secret, owner=body)
+            try:
+                await self.kube.create_secret(ns, secret)
+                mem.token = token
+            except Conflict:
+                mem.token = None  # created concurrently: read it back next time
+        cluster = raycluster.build_raycluster(job, self.settings, auth_secret=secret_name)
+        kopf.adopt(cluster, owner=body)
+        try:
+            await self.kube.create_raycluster(ns, cluster)
+            logger.info("Created RayCluster %s/%s", ns, cluster["metadata"]["name"])
+        except Conflict:
+            pass  # created by an earlier pass whose status write was lost: fine
+
+    def trainer_env(self, job: FineTuneJob) -> dict[str, str]:
+        env = self.settings.trainer_env_vars
+        env["FINETUNE_JOB"] = json.dumps(job.document, sort_keys=True)
+        return env
+
+    async def submit(self, client: RayJobsClient, job: FineTuneJob, sub_id: str) -> None:
+        metadata = {"finetune.dev/job": job.name, "finetune.dev/namespace": job.namespace or "",
+                    "finetune.dev/uid": job.uid or ""}
+        try:
+            _, submitted = await client.ensure_submitted(sub_id, self.trainer_env(job),
+                                                         metadata)
+        except RayJobsError as e:
+            # Lost a race with ourselves (the lookup said no job, then a submit landed):
+            # the job exists, which is all the caller wants.
+            if "already exists" in str(e):
+                return
+            raise
+        if submitted:
+            logger.info("Submitted Ray job %s for %s/%s", sub_id, job.namespace, job.name)
+
+    async def s3_credentials(self, job: FineTuneJob) -> S3Credentials | None:
+        name = job.spec.s3.secret_ref
+        if not name:
+            return None
+        secret = await self.kube.get_secret(job.namespace, name)
+        if secret is None:
+            return None
+        key_id = secret_value(secret, "AWS_ACCESS_KEY_ID")
+        key = secret_value(secret, "AWS_SECRET_ACCESS_KEY")
+        if not key_id or not key:
+            return None
+        return S3Credentials(key_id, key, secret_value(secret, "AWS_SESSION_TOKEN") or None)
+
+    async def save_failed_log(self, job: FineTuneJob, sub_id: str, world: World,
+                              patch: dict[str, Any]) -> None:
+        log = world.log or ""
+        patch["logTail"] = tracking.log_tail(log, self.settings.log_tail_lines)
+        try:
+            uri = await save_log(self.http, job, sub_id, log, await self.s3_credentials(job))
+            patch["logUri"] = uri
+        except LogStoreError as e:
+            # Keeping the log is a courtesy: it must never hold up the retry or the failure.
+            logger.warning("Could not store the log of %s: %s", sub_id, e)
+            patch["logUri"] = None
+
+    # --- writing status ----------------------------------------------------------------
+
+    async def write_status(self, body: dict[str, Any], job: FineTuneJob,
+                           status: dict[str, Any], generation: int, decision: Decision,
+                           world: World, patch: dict[str, Any], now: datetime) -> None:
+        patch.update(world.tracked.as_status())
+        patch.update(decision.status)
+        if decision.phase == phases.SUCCEEDED and status.get("phase") != phases.SUCCEEDED:
+            output = dict(status.get("output") or {})
+            output.update(patch.get("output") or {})
+            output.setdefault("modelUri", job.final_model_uri)
+            patch["output"] = output
+            progress = dict(status.get("progress") or {})
+            progress.update(patch.get("progress") or {})
+            progress["percent"] = 100
+            if progress.get("totalSteps"):
+                progress["step"] = max(progress.get("step") or 0, progress["totalSteps"])
+            patch["progress"] = progress
+        if decision.phase == phases.RUNNING and status.get("phase") != phases.RUNNING \
+                and not status.get("startTime"):
+            created = phases.parse_time((body.get("metadata") or {}).get("creationTimestamp"))
+            if created is not None:
+                self.metrics.time_to_running.observe((now - created).total_seconds())
+        # The cluster's name while one exists (or is being created), nothing otherwise.
+        creating = any(isinstance(a, phases.CreateCluster) for a in decision.actions)
+        deleting = any(isinstance(a, phases.DeleteCluster) for a in decision.actions)
+        exists = (world.cluster is not None and not deleting) or creating
+        patch["rayCluster"] = raycluster.cluster_name(job) if exists else None
+        await self._patch(body, status, generation, decision, patch, phases.iso(now))
+
+    async def _patch(self, body: dict[str, Any], status: dict[str, Any], generation: int,
+                     decision: Decision, patch: dict[str, Any], now: str) -> None:
+        meta = body["metadata"]
+        patch = dict(patch)
+        patch["phase"] = decision.phase
+        patch["message"] = decision.message
+        patch["observedGeneration"] = generation
+        if decision.conditions:
+            patch["conditions"] = merge_conditions(status.get("conditions") or [],
+                                                   decision.conditions, generation, now)
+        # Write only what changed: a pass that saw nothing new costs no API write.
+        changes = {k: v for k, v in patch.items() if status.get(k) != v
+                   and not (v is None and k not in status)}
+        if changes:
+            await self.kube.patch_job_status(meta["namespace"], meta["name"], changes)
+            if "phase" in changes:
+                logger.info("FineTuneJob %s/%s: %s -> %s (%s)", meta["namespace"],
+                            meta["name"], status.get("phase") or "-", decision.phase,
+                            decision.message)
+        for event in decision.events:
+            try:
+                await self.kube.post_event(body, type=event.type, reason=event.reason,
+                                           message=event.message)
+            except (KubeError, aiohttp.ClientError) as e:
+                logger.warning("Could not post event %s: %s", event.reason, e)

@@ -1,0 +1,208 @@
+"""The operator running in-process (kopf, its own thread and loop) against the API emulator.
+
+`tests/kube` provides the emulator (`kube`), the KubeRay stand-in (`kuberay`) and one real
+Ray head with token auth (`ray_head`); `tests/conftest.py` provides moto S3 and the tiny
+model. These fixtures only add the operator and FineTuneJob documents on those assets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+
+# tests/ is on sys.path (its conftest.py is rootdir-level and not in a package), so the
+# emulator fixtures of tests/kube are importable here.
+from kube.conftest import kube, kuberay  # noqa: F401  (fixtures)
+from kube.ray_head import (VENV_BIN, RayHead, _wait_until_jobs_can_run, free_port,
+                           stop_ray_head)
+
+from finetune_operator.main import operator
+from finetune_operator.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACE = "default"
+S3_SECRET = "s3-credentials"
+
+
+def start_ray_head(num_cpus: int = 2, timeout: float = 300) -> RayHead:
+    """tests/kube's Ray head (token auth, venv first on PATH), but with every port free-picked.
+
+    Ray's defaults put each node's dashboard agent on 52365 (and metrics on 8080): a second
+    Ray on this host (the trainer tests' `ray.init`) then keeps this head's job agent from
+    starting, and every submit answers "No available agent to submit job"."""
+    token = secrets.token_hex(32)
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = RayHead(free_port(), free_port(), free_port(), token, temp_dir, env)
+    try:
+        result = subprocess.run(
+            [str(VENV_BIN / "ray"), "start", "--head", f"--port={head.gcs_port}",
+             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={head.dashboard_port}",
+             f"--ray-client-server-port={head.client_port}",
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--num-cpus={num_cpus}", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"],
+            env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{result.stdout[-2000:]}\n"
+                               f"{result.stderr[-2000:]}")
+        _wait_until_jobs_can_run(head, time.monotonic() + timeout)
+    except BaseException:
+        stop_ray_head(head)
+        raise
+    return head
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """One Ray head for the session, started after s3_server so that it (and the trainer it
+    runs) inherits the moto credentials from the environment, as pods get them from the
+    job's Secret in a cluster."""
+    head = start_ray_head()
+    try:
+        yield head
+    finally:
+        stop_ray_head(head)
+
+
+class OperatorThread:
+    """`finetune_operator.main.operator` on a thread of its own, stoppable like SIGTERM."""
+
+    def __init__(self, settings: Settings, connection: kopf.ConnectionInfo):
+        self.settings, self.connection = settings, connection
+        self.stop_flag = threading.Event()
+        self.ready_flag = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="operator", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(operator(self.settings, connection=self.connection,
+                                 stop_flag=self.stop_flag, ready_flag=self.ready_flag))
+        except BaseException as e:  # surfaced by stop()
+            self.error = e
+
+    def start(self) -> "OperatorThread":
+        self.thread.start()
+        if not self.ready_flag.wait(30):
+            raise RuntimeError(f"the operator did not start: {self.error!r}")
+        return self
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the operator did not stop"
+        if self.error is not None and not isinstance(self.error, asyncio.CancelledError):
+            raise self.error
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+
+
+@pytest.fixture
+def start_operator(kube, kuberay):  # noqa: F811
+    """Start (and on teardown stop) operators; each call is a fresh process-like instance."""
+    started: list[OperatorThread] = []
+    tokens: dict[str, str] = {}
+
+    def start(identity: str = "operator", **overrides: Any) -> OperatorThread:
+        if identity not in tokens:
+            tokens[identity] = kube.add_identity(identity)
+        token = tokens[identity]
+        values = dict(namespaces=(NAMESPACE,), reconcile_interval=1.0, max_backoff=4.0,
+                      liveness_port=0, metrics_port=free_port(), log_format="plain",
+                      trainer_env=(f"TORCH_EXTENSIONS_DIR={REPO / '.cache' / 'torch_extensions'}",
+                                   "RAY_DEDUP_LOGS=0"))
+        values.update(overrides)
+        op = OperatorThread(Settings(**values),
+                            kopf.ConnectionInfo(server=kube.url, token=token)).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        if op.thread.is_alive():
+            op.stop()
+
+
+@pytest.fixture
+def head_token_secret(kube, ray_head):  # noqa: F811
+    """The job's Ray auth Secret, made by the test with the shared head's token.
+
+    The operator generates a random token per job when the Secret is absent; the one local
+    Ray head here has a fixed token, so the test supplies it the way a user could."""
+    def make(job_name: str) -> None:
+        kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                     "metadata": {"name": f"{job_name}-ray-auth", "namespace": NAMESPACE},
+                     "data": {"auth_token": base64.b64encode(ray_head.token.encode()).decode()}},
+                    "secrets")
+    return make
+
+
+@pytest.fixture
+def s3_secret(kube, s3_server):  # noqa: F811
+    def make(name: str = S3_SECRET) -> None:
+        kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                     "metadata": {"name": name, "namespace": NAMESPACE},
+                     "data": {k: base64.b64encode(os.environ[k].encode()).decode()
+                              for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}},
+                    "secrets")
+    return make
+
+
+@pytest.fixture
+def tiny_job(s3_server, tiny_assets):
+    """A FineTuneJob on the tiny model in moto S3: a few CPU steps, checkpoints in S3."""
+    def make(name: str, **spec_overrides: Any) -> dict[str, Any]:
+        spec = {
+            "model": {"uri": tiny_assets.model_uri},
+            "dataset": {"uri": tiny_assets.dataset_uri, "maxSeqLength": 32},
+            "strategy": {"type": "deepspeed"},
+            "training": {"maxSteps": 6, "microBatchSize": 4, "learningRate": 0.01,
+                         "warmupSteps": 1, "lrScheduler": "constant", "precision": "fp32"},
+            "resources": {"workers": 1, "gpusPerWorker": 0, "cpusPerWorker": 1,
+                          "memoryPerWorker": "2Gi", "nodeSelector": {"pool": "cpu-small"}},
+            "checkpoint": {"uri": f"s3://{s3_server.bucket}/op-{uuid.uuid4().hex[:8]}",
+                           "everySteps": 2, "keep": 2},
+            "s3": {"secretRef": S3_SECRET, "endpoint": s3_server.endpoint,
+                   "region": "us-east-1"},
+        }
+        for key, value in spec_overrides.items():
+            spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+        return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                "metadata": {"name": name, "namespace": NAMESPACE,
+                             "labels": {"kueue.x-k8s.io/queue-name": "team-queue"}},
+                "spec": spec}
+    return make
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: Any = ""):
+    """The first truthy predicate(); `what` (a string, or a callable evaluated at the
+    timeout so it can show the state at that moment) explains a timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    explain = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout}s waiting for {explain or predicate}")

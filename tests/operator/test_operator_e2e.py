@@ -1,0 +1,373 @@
+"""The operator end to end: kopf in-process, the API emulator, the KubeRay stand-in, a real
+Ray head and the real trainer (`finetune-train`) on CPU with a tiny model in moto S3.
+
+Each real training run costs about a minute on 2 cores, so the scenarios share runs where
+they can (missing Secret -> run -> delete; fail once -> retry -> succeed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from conftest import NAMESPACE, free_port, wait_until
+
+# Fixture order matters: s3_server and tiny_assets come first so that the session's Ray head
+# (started by ray_head) inherits the moto credentials in its environment, as pods get them
+# from the job's Secret in a cluster.
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+FTJ = ("finetune.dev/v1alpha1", "finetunejobs")
+RC = ("ray.io/v1", "rayclusters")
+
+
+# The API verbs the operator needs (the Helm chart's Role/ClusterRole rules): kopf
+# watches and patches (finalizer, annotations) FineTuneJobs; the operator writes their status,
+# deletes them after ttlSecondsAfterFinished, creates and deletes RayClusters, reads the S3
+# Secret, creates the Ray auth Secret, and posts Events. kopfpeerings only with --peering.
+OPERATOR_RBAC = {
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
+    ("finetune.dev", "finetunejobs/status"): {"patch"},
+    ("ray.io", "rayclusters"): {"get", "create", "delete"},
+    ("", "secrets"): {"get", "create"},
+    ("", "events"): {"create"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    # Cluster-scoped reads: kopf discovers CRDs and namespaces as they come and go.
+    ("", "namespaces"): {"list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+
+
+def status(kube, name):
+    obj = kube.get_or_none(*FTJ, name, NAMESPACE)
+    return (obj or {}).get("status") or {}
+
+
+def condition(st, ctype):
+    return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
+
+
+def events_of(kube, name):
+    return [e for e in kube.list("v1", "events", NAMESPACE)
+            if (e.get("involvedObject") or {}).get("name") == name]
+
+
+def ray_jobs(ray_head, prefix):
+    req = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/", headers=ray_head.headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        jobs = json.loads(resp.read())
+    return {j["submission_id"]: j for j in jobs
+            if (j.get("submission_id") or "").startswith(prefix)}
+
+
+def wait_phase(kube, name, phases, timeout):
+    phases = (phases,) if isinstance(phases, str) else phases
+    return wait_until(lambda: status(kube, name).get("phase") in phases and status(kube, name),
+                      timeout, what=lambda: f"{name} to reach {phases}; last status: "
+                                            f"{status(kube, name)}")
+
+
+def healthz(port):
+    """kopf's liveness endpoint (with our `jobs` probe), or None while it is not up yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return json.loads(resp.read()) if resp.status == 200 else None
+    except OSError:
+        return None
+
+
+def s3_keys(s3_server, uri):
+    prefix = uri[len(f"s3://{s3_server.bucket}/"):]
+    return s3_server.keys(prefix)
+
+
+def test_missing_secret_then_run_then_delete(s3_server, tiny_assets, kube, kuberay, ray_head,
+                                             start_operator, head_token_secret, s3_secret,
+                                             tiny_job):
+    """(6) a missing S3 Secret is reported and nothing is created until it appears;
+    (4) deleting the running job stops its Ray job, deletes its cluster, releases the
+    finalizer and keeps its checkpoints."""
+    name = "secretless"
+    head_token_secret(name)
+    doc = tiny_job(name, training={"maxSteps": 40})
+    op = start_operator()
+    kube.create(doc, "finetunejobs")
+
+    st = wait_until(lambda: condition(status(kube, name), "Ready").get("reason")
+                    == "SecretNotFound" and status(kube, name), 20, what="SecretNotFound")
+    assert st["phase"] == "Pending"
+    assert "s3-credentials" in condition(st, "Ready")["message"]
+    assert kube.get_or_none(*RC, name, NAMESPACE) is None
+    assert "SecretNotFound" in [e["reason"] for e in events_of(kube, name)]
+
+    s3_secret()
+    cluster = wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE), 30, what="RayCluster")
+    workers = cluster["spec"]["workerGroupSpecs"][0]
+    assert workers["template"]["spec"]["nodeSelector"] == {"pool": "cpu-small"}
+    assert cluster["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
+    uid = kube.get(*FTJ, name, NAMESPACE)["metadata"]["uid"]
+    assert cluster["metadata"]["ownerReferences"][0]["uid"] == uid
+
+    # Running, with at least one checkpoint written: then delete it mid-run.
+    st = wait_until(lambda: status(kube, name).get("checkpoint") and status(kube, name),
+                    240, what=lambda: f"a checkpoint; last status {status(kube, name)}")
+    assert st["phase"] == "Running"
+    assert condition(st, "Ready")["status"] == "True"
+    sub_id = st["rayJobId"]
+    assert ray_jobs(ray_head, name)[sub_id]["status"] == "RUNNING"
+    checkpoint_uri = st["checkpoint"]["uri"]
+
+    kube.delete(*FTJ, name, NAMESPACE)
+    wait_until(lambda: kube.get_or_none(*FTJ, name, NAMESPACE) is None, 60,
+               what="the FineTuneJob to be gone (finalizer released)")
+    assert kube.get_or_none(*RC, name, NAMESPACE) is None
+    wait_until(lambda: ray_jobs(ray_head, name)[sub_id]["status"] == "STOPPED", 30,
+               what="the Ray job to be stopped")
+    assert list(ray_jobs(ray_head, name)) == [sub_id]  # submitted exactly once
+    assert s3_keys(s3_server, checkpoint_uri), "checkpoints are kept"
+    op.stop()
+
+
+def test_bad_input_fails_without_retry_and_keeps_the_log(s3_server, tiny_assets, kube, kuberay,
+                                                        ray_head, start_operator,
+                                                        head_token_secret, s3_secret, tiny_job):
+    """A job the trainer refuses (exit code 3: the model is not there) fails at once, with
+    the log's tail in status and the full log next to the checkpoints."""
+    name = "badinput"
+    head_token_secret(name)
+    s3_secret()
+    doc = tiny_job(name, model={"uri": f"s3://{s3_server.bucket}/no/such/model"})
+    start_operator()
+    kube.create(doc, "finetunejobs")
+    st = wait_phase(kube, name, ("Failed", "Succeeded"), 180)
+    assert st["phase"] == "Failed", st
+    assert condition(st, "Failed")["reason"] == "BadInput"
+    assert st.get("retries", 0) == 0
+    assert len(ray_jobs(ray_head, name)) == 1
+    assert st["logTail"] and len(st["logTail"].splitlines()) <= 30
+    log_key = st["logUri"][len(f"s3://{s3_server.bucket}/"):]
+    body = s3_server.client.get_object(Bucket=s3_server.bucket, Key=log_key)["Body"].read()
+    assert st["logTail"].splitlines()[-1].encode() in body
+    wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE) is None, 30,
+               what="the RayCluster to be deleted (cleanupPolicy DeleteCluster)")
+    reasons = [e["reason"] for e in events_of(kube, name)]
+    assert "BadInput" in reasons and "JobSubmitted" in reasons
+
+
+def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, start_operator,
+                               head_token_secret, s3_secret, tiny_job):
+    """(1) apply -> RayCluster on the requested node pool -> real run -> Succeeded, 100 %,
+    checkpoint and final model in S3, RayCluster deleted."""
+    name = "happy"
+    head_token_secret(name)
+    s3_secret()
+    doc = tiny_job(name)
+    op = start_operator(liveness_port=free_port())
+    assert "jobs" in wait_until(lambda: healthz(op.settings.liveness_port), 20,
+                                what="the liveness endpoint")
+    kube.create(doc, "finetunejobs")
+
+    cluster = wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE), 30, what="RayCluster")
+    spec = cluster["spec"]
+    assert spec["workerGroupSpecs"][0]["template"]["spec"]["nodeSelector"] == \
+        {"pool": "cpu-small"}
+    assert spec["authOptions"] == {"mode": "token", "secretName": f"{name}-ray-auth"}
+
+    st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
+    assert st["phase"] == "Succeeded", st
+    assert st["progress"]["percent"] == 100 and st["progress"]["step"] == 6
+    assert st["progress"]["totalSteps"] == 6 and "loss" in st["progress"]
+    ckpt_run = f"{doc['spec']['checkpoint']['uri']}/{name}"
+    assert st["checkpoint"]["step"] == 6 and st["checkpoint"]["uri"].startswith(ckpt_run)
+    assert s3_keys(s3_server, st["checkpoint"]["uri"] + "/")
+    assert st["output"]["modelUri"] == f"{ckpt_run}/final"
+    assert any(k.endswith("model.safetensors")
+               for k in s3_keys(s3_server, st["output"]["modelUri"] + "/"))
+    assert st.get("retries", 0) == 0 and st["startTime"] and st["completionTime"]
+    assert condition(st, "Succeeded")["status"] == "True"
+    assert st["observedGeneration"] == 1
+
+    wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE) is None, 30,
+               what="the RayCluster to be deleted (cleanupPolicy DeleteCluster)")
+    assert len(ray_jobs(ray_head, name)) == 1
+    reasons = [e["reason"] for e in events_of(kube, name)]
+    for reason in ("ClusterCreating", "JobSubmitted", "JobRunning", "Succeeded"):
+        assert reason in reasons, reasons
+    # What the operator did through the API stays within the RBAC rules its chart grants.
+    used = kube.recorder.verbs_by_resource("operator")
+    beyond = {res: verbs - OPERATOR_RBAC.get(res, set()) for res, verbs in used.items()}
+    assert not any(beyond.values()), {res: v for res, v in beyond.items() if v}
+    metrics = op.metrics()
+    assert 'finetune_jobs{phase="Succeeded"} 1.0' in metrics
+    assert "finetune_create_to_running_seconds_count 1.0" in metrics
+    # Secrets never leave their Secret: not in status, events or the submitted job.
+    secret_value = s3_server.client._request_signer._credentials.secret_key
+    assert secret_value not in json.dumps(kube.get(*FTJ, name, NAMESPACE))
+    assert secret_value not in json.dumps(events_of(kube, name))
+    assert secret_value not in json.dumps(ray_jobs(ray_head, name))
+    assert ray_head.token not in json.dumps(ray_jobs(ray_head, name))
+
+
+def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kuberay, ray_head,
+                                                start_operator, head_token_secret, s3_secret,
+                                                tiny_job):
+    """(2) the first attempt crashes after its first checkpoint -> Retrying -> the second
+    attempt resumes from it -> Succeeded with status.retries == 1."""
+    name = "flaky"
+    head_token_secret(name)
+    s3_secret()
+    start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
+    kube.create(tiny_job(name), "finetunejobs")
+    st = wait_phase(kube, name, ("Succeeded", "Failed"), 400)
+    assert st["phase"] == "Succeeded", st
+    assert st["retries"] == 1
+    jobs = ray_jobs(ray_head, name)
+    assert sorted(j["status"] for j in jobs.values()) == ["FAILED", "SUCCEEDED"]
+    assert st["rayJobId"].endswith("-a2") and jobs[st["rayJobId"]]["status"] == "SUCCEEDED"
+    first = next(sid for sid in jobs if sid.endswith("-a1"))
+    assert st["logUri"].endswith(f"/{name}/logs/{first}.log") and st["logTail"]
+    resumed = started_event(ray_head, st["rayJobId"])
+    assert resumed["resumedFromStep"] == 2
+    assert "AttemptFailed" in [e["reason"] for e in events_of(kube, name)]
+
+
+def started_event(ray_head, submission_id):
+    from finetune_api.events import parse_events
+
+    req = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/{submission_id}/logs",
+                                 headers=ray_head.headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        log = json.loads(resp.read())["logs"]
+    return next(e for e in parse_events(log.splitlines()) if e["event"] == "started")
+
+
+def test_suspend_and_resume_continue_from_checkpoint(s3_server, tiny_assets, kube, kuberay,
+                                                      ray_head, start_operator,
+                                                      head_token_secret, s3_secret, tiny_job):
+    """(3) suspend mid-run -> Ray job stopped, cluster gone, Suspended; resume -> a new
+    attempt continues from the checkpoint and succeeds."""
+    name = "pausable"
+    head_token_secret(name)
+    s3_secret()
+    start_operator()
+    kube.create(tiny_job(name, training={"maxSteps": 12}), "finetunejobs")
+    wait_until(lambda: status(kube, name).get("checkpoint"), 240,
+               what=lambda: f"a first checkpoint; last status {status(kube, name)}")
+    first = status(kube, name)["rayJobId"]
+
+    # A change to an immutable field while running is refused visibly; the run goes on.
+    kube.patch(*FTJ, name, {"spec": {"resources": {"workers": 3}}}, NAMESPACE)
+    st = wait_until(lambda: condition(status(kube, name), "SpecAccepted").get("reason")
+                    == "ImmutableFieldChanged" and status(kube, name), 20,
+                    what="the ImmutableFieldChanged condition")
+    assert "spec.resources.workers" in condition(st, "SpecAccepted")["message"]
+    assert st["phase"] == "Running" and st["rayJobId"] == first
+    assert kube.get(*RC, name, NAMESPACE)["spec"]["workerGroupSpecs"][0]["replicas"] == 1
+    kube.patch(*FTJ, name, {"spec": {"resources": {"workers": 1}}}, NAMESPACE)
+
+    kube.patch(*FTJ, name, {"spec": {"runPolicy": {"suspend": True}}}, NAMESPACE)
+    st = wait_phase(kube, name, "Suspended", 30)
+    assert condition(st, "Suspended")["status"] == "True"
+    wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE) is None, 30,
+               what="the RayCluster to be deleted")
+    wait_until(lambda: ray_jobs(ray_head, name)[first]["status"] == "STOPPED", 30,
+               what="the Ray job to be stopped")
+    checkpoint_step = status(kube, name)["checkpoint"]["step"]
+
+    kube.patch(*FTJ, name, {"spec": {"runPolicy": {"suspend": False}}}, NAMESPACE)
+    st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
+    assert st["phase"] == "Succeeded", st
+    assert st["rayJobId"] != first and st.get("retries", 0) == 0
+    # It continues from a checkpoint, not from scratch. The trainer reports a checkpoint when
+    # its files are uploaded; Ray Train may register it a moment later, so a run stopped in
+    # between resumes from the checkpoint before the last reported one.
+    assert 0 < started_event(ray_head, st["rayJobId"])["resumedFromStep"] <= checkpoint_step
+    assert st["progress"]["percent"] == 100
+    reasons = [e["reason"] for e in events_of(kube, name)]
+    assert "Suspended" in reasons and "Resumed" in reasons
+
+
+def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kube, kuberay,
+                                                     ray_head, start_operator,
+                                                     head_token_secret, s3_secret, tiny_job):
+    """(5) the operator is stopped mid-run and a new one takes over: no second RayCluster,
+    no second submission, and the job still succeeds."""
+    name = "phoenix"
+    head_token_secret(name)
+    s3_secret()
+    first_op = start_operator()
+    kube.create(tiny_job(name), "finetunejobs")
+    wait_phase(kube, name, "Running", 180)
+    cluster_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
+    first_op.stop()
+
+    start_operator()
+    st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
+    assert st["phase"] == "Succeeded", st
+    assert list(ray_jobs(ray_head, name)) == [st["rayJobId"]]
+    assert st.get("retries", 0) == 0
+    # The same cluster was used to the end (then deleted by the cleanup policy).
+    creates = [e for e in events_of(kube, name) if e["reason"] == "ClusterCreating"]
+    assert len(creates) == 1
+    assert cluster_uid
+
+
+def test_broken_cluster_is_recreated_and_the_run_resumes(s3_server, tiny_assets, kube, kuberay,
+                                                         ray_head, start_operator,
+                                                         head_token_secret, s3_secret,
+                                                         tiny_job):
+    """A RayCluster that goes `failed` mid-run (head lost) is deleted and created again; the
+    attempt on it counts as a retry and the next one resumes from the checkpoint."""
+    name = "fragile"
+    head_token_secret(name)
+    s3_secret()
+    start_operator()
+    kube.create(tiny_job(name, training={"maxSteps": 8}), "finetunejobs")
+    wait_until(lambda: status(kube, name).get("checkpoint"), 240,
+               what=lambda: f"a first checkpoint; last status {status(kube, name)}")
+    first = status(kube, name)["rayJobId"]
+    old_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
+    # The head pod is lost: in a cluster its jobs die with it; the shared local head here
+    # outlives the "cluster", so the test ends that job itself.
+    kuberay.break_cluster(NAMESPACE, name)
+    req = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/{first}/stop",
+                                 method="POST", headers=ray_head.headers)
+    urllib.request.urlopen(req, timeout=10).close()
+
+    wait_until(lambda: (kube.get_or_none(*RC, name, NAMESPACE) or {}).get("metadata", {})
+               .get("uid") not in (None, old_uid), 60, what="a new RayCluster")
+    st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
+    assert st["phase"] == "Succeeded", st
+    assert st["retries"] == 1 and st["rayJobId"].endswith("-a2")
+    assert started_event(ray_head, st["rayJobId"])["resumedFromStep"] > 0
+    assert "ClusterFailed" in [e["reason"] for e in events_of(kube, name)]
+
+
+def test_hot_standby_does_nothing_while_the_leader_runs(kube, kuberay, start_operator, tiny_job):
+    """Two operators peered under one name: only the higher-priority one touches jobs."""
+    kube.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                 "metadata": {"name": "finetune", "namespace": NAMESPACE}}, "kopfpeerings")
+    leader_op = start_operator("operator-leader", peering="finetune", priority=100)
+    start_operator("operator-standby", peering="finetune", priority=10)
+    name = "peered"
+    # Suspended from the start: the leader has work to do (status, events) without training.
+    kube.create(tiny_job(name, runPolicy={"suspend": True}), "finetunejobs")
+    wait_phase(kube, name, "Suspended", 30)
+    time.sleep(3)  # several reconcile intervals: a standby that acted would have by now
+    standby = kube.recorder.verbs_by_resource("operator-standby")
+    leader = kube.recorder.verbs_by_resource("operator-leader")
+    assert "patch" in leader.get(("finetune.dev", "finetunejobs/status"), set())
+    writes = {res: verbs - {"get", "list", "watch"} for (group, res), verbs in standby.items()
+              if group != "kopf.dev"}  # announcing itself in the peering object is all
+    assert not any(writes.values()), writes
+
+    # The leader goes away: the standby takes over.
+    leader_op.stop()
+    kube.create(tiny_job("peered-2", runPolicy={"suspend": True}), "finetunejobs")
+    wait_phase(kube, "peered-2", "Suspended", 90)
+    standby = kube.recorder.verbs_by_resource("operator-standby")
+    assert "patch" in standby.get(("finetune.dev", "finetunejobs/status"), set())

@@ -1,0 +1,82 @@
+"""The trainer's events, read from a Ray job log, as status.progress/checkpoint/output."""
+
+from __future__ import annotations
+
+from finetune_api.events import format_event
+
+from finetune_operator.tracking import LogCursor, apply_events, log_tail
+
+PREFIX = "(RayTrainWorker pid=4242) "
+
+
+def log_of(*lines: str) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def test_progress_events_become_status_progress():
+    log = log_of(
+        "Starting Ray job...",
+        PREFIX + format_event("started", totalSteps=40, resumedFromStep=0, workers=2,
+                              strategy="deepspeed"),
+        PREFIX + format_event("progress", step=10, totalSteps=40, epoch=0, loss=2.5,
+                              learningRate=1e-4, tokensPerSecond=1234.5, etaSeconds=31.6),
+    )
+    cursor = LogCursor("job-a1")
+    tracked = apply_events(cursor.feed(log))
+    p = tracked.progress
+    assert (p["step"], p["totalSteps"], p["percent"]) == (10, 40, 25)
+    assert p["loss"] == 2.5 and p["learningRate"] == 1e-4 and p["tokensPerSecond"] == 1234.5
+    assert p["etaSeconds"] == 32
+    assert p["updatedAt"].endswith("Z")
+    assert tracked.checkpoint == {} and tracked.output == {}
+
+
+def test_checkpoint_and_completion():
+    events = LogCursor("x").feed(log_of(
+        format_event("checkpoint", step=20, uri="s3://ckpt/runs/llama/checkpoint_000020"),
+        format_event("completed", step=40, loss=0.9, modelUri="s3://ckpt/runs/llama/final"),
+    ))
+    tracked = apply_events(events, {"progress": {"totalSteps": 40, "step": 39}})
+    assert tracked.checkpoint == {"uri": "s3://ckpt/runs/llama/checkpoint_000020", "step": 20}
+    assert tracked.output == {"modelUri": "s3://ckpt/runs/llama/final"}
+    assert tracked.progress["percent"] == 100 and tracked.progress["step"] == 40
+
+
+def test_cursor_parses_only_new_complete_lines():
+    cursor = LogCursor("x")
+    first = format_event("progress", step=1, totalSteps=4, loss=3.0)
+    second = format_event("progress", step=2, totalSteps=4, loss=2.0)
+    assert len(cursor.feed(log_of(first) + second[:10])) == 1   # half a line waits
+    assert cursor.feed(log_of(first) + second[:10]) == []       # nothing new
+    new = cursor.feed(log_of(first, second))
+    assert [e["step"] for e in new] == [2]
+    assert cursor.events == 2
+
+
+def test_a_shorter_log_starts_over():
+    cursor = LogCursor("x")
+    cursor.feed(log_of("a" * 100, format_event("progress", step=1, totalSteps=4)))
+    again = cursor.feed(log_of(format_event("progress", step=3, totalSteps=4)))
+    assert [e["step"] for e in again] == [3]
+
+
+def test_failed_event_is_remembered_and_bad_numbers_dropped():
+    cursor = LogCursor("x")
+    tracked = apply_events(cursor.feed(log_of(
+        '{"event": "progress", "step": 3, "totalSteps": 10, "loss": NaN}',
+        format_event("failed", reason="TrainingFailed", message="CUDA error"),
+    )))
+    assert "loss" not in tracked.progress and tracked.progress["step"] == 3
+    assert tracked.failure == "TrainingFailed: CUDA error"
+    assert cursor.last_failed["message"] == "CUDA error"
+
+
+def test_status_unchanged_by_a_log_without_events():
+    assert apply_events([], {"progress": {"step": 5}}).as_status() == {}
+
+
+def test_log_tail_keeps_the_last_lines_and_is_bounded():
+    log = log_of(*(f"line {i}" for i in range(100)))
+    tail = log_tail(log, 30)
+    assert tail.splitlines()[0] == "line 70" and tail.splitlines()[-1] == "line 99"
+    assert len(log_tail("x" * 10000 + "\n", 30)) <= 4000

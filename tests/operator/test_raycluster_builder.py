@@ -1,0 +1,197 @@
+"""The RayCluster builder: spec in, KubeRay manifest out, valid against KubeRay's CRD."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator.raycluster import (AUTH_TOKEN_KEY, build_auth_secret, build_raycluster,
+                                          cluster_name)
+from finetune_operator.render import render_job
+from finetune_operator.settings import Settings
+
+from operator_jobs import job
+
+KUBERAY_CRD = Path(__file__).resolve().parents[3] / "shared" / "kuberay" / "ray.io_rayclusters.yaml"
+SETTINGS = Settings(default_image="registry.example/trainer:1", ray_version="2.60.0")
+
+
+def workers(cluster):
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    return group
+
+
+def container(pod_spec):
+    (c,) = pod_spec["containers"]
+    return c
+
+
+def test_worker_group_has_fixed_size_and_gpu_limits():
+    cluster = build_raycluster(job(), SETTINGS, auth_secret="llama-ray-auth")
+    group = workers(cluster)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    c = container(group["template"]["spec"])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert c["resources"]["requests"] == {"cpu": "32", "memory": "256Gi"}
+    assert c["resources"]["limits"]["cpu"] == "32"
+    assert c["image"] == "registry.example/trainer:1"
+    assert cluster["spec"]["enableInTreeAutoscaling"] is False
+
+
+def test_head_hosts_no_training_and_serves_the_dashboard_on_all_interfaces():
+    cluster = build_raycluster(job(), SETTINGS)
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
+    c = container(head["template"]["spec"])
+    assert "nvidia.com/gpu" not in json.dumps(c["resources"])
+    assert {"name": "dashboard", "containerPort": 8265} in c["ports"]
+
+
+def test_node_pool_selection_and_tolerations():
+    spec = workers(build_raycluster(job(), SETTINGS))["template"]["spec"]
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100"}
+    assert spec["priorityClassName"] == "training-high"
+    assert {"key": "dedicated", "operator": "Equal", "value": "training",
+            "effect": "NoSchedule"} in spec["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists",
+            "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_cpu_job_asks_for_no_gpu_and_no_gpu_toleration():
+    cluster = build_raycluster(job(**{"spec.resources.gpusPerWorker": 0,
+                                      "spec.resources.tolerations": None}), SETTINGS)
+    spec = workers(cluster)["template"]["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(spec)
+    assert "tolerations" not in spec
+
+
+def test_user_gpu_toleration_is_not_duplicated():
+    tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    spec = workers(build_raycluster(job(**{"spec.resources.tolerations": tol}),
+                                    SETTINGS))["template"]["spec"]
+    assert spec["tolerations"] == tol
+
+
+def test_s3_credentials_are_secret_references_never_values():
+    cluster = build_raycluster(job(), SETTINGS)
+    for pod in (cluster["spec"]["headGroupSpec"]["template"],
+                workers(cluster)["template"]):
+        env = {e["name"]: e for e in container(pod["spec"])["env"]}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {
+                "name": "s3-credentials", "key": key}}}
+        assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+        assert env["AWS_REGION"]["value"] == "eu-west-1"
+        assert all("value" not in e for e in env.values() if e["name"].startswith("AWS_")
+                   and e["name"] not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                                         "AWS_REGION", "AWS_DEFAULT_REGION"))
+
+
+def test_no_secret_ref_means_no_credential_env():
+    cluster = build_raycluster(job(**{"spec.s3.secretRef": None, "spec.s3.endpoint": None}),
+                               SETTINGS)
+    names = [e["name"] for e in container(workers(cluster)["template"]["spec"])["env"]]
+    assert "AWS_ACCESS_KEY_ID" not in names and "AWS_ENDPOINT_URL" not in names
+
+
+def test_dev_shm_is_memory_backed_on_every_pod():
+    cluster = build_raycluster(job(), SETTINGS)
+    for pod in (cluster["spec"]["headGroupSpec"]["template"], workers(cluster)["template"]):
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container(pod["spec"])["volumeMounts"]
+
+
+def test_labels_tie_the_cluster_to_the_job_and_pass_the_queue_through():
+    cluster = build_raycluster(job(), SETTINGS)
+    labels = cluster["metadata"]["labels"]
+    assert labels["finetune.dev/job"] == "llama"
+    assert labels["app.kubernetes.io/managed-by"] == "finetune-operator"
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "team" not in labels  # only the queue label is ours to pass through
+    assert cluster["metadata"]["name"] == cluster_name(job()) == "llama"
+
+
+def test_token_auth_references_the_operator_owned_secret():
+    cluster = build_raycluster(job(), SETTINGS, auth_secret="llama-ray-auth")
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "llama-ray-auth"}
+    secret = build_auth_secret(job(), "t0k3n")
+    assert base64.b64decode(secret["data"][AUTH_TOKEN_KEY]) == b"t0k3n"
+
+
+def test_image_override_wins_over_the_default():
+    cluster = build_raycluster(job(**{"spec.resources.image": "mine:2"}), SETTINGS)
+    assert container(workers(cluster)["template"]["spec"])["image"] == "mine:2"
+    assert container(cluster["spec"]["headGroupSpec"]["template"]["spec"])["image"] == "mine:2"
+
+
+def test_render_returns_cluster_and_secret_without_the_token():
+    objs = render_job(job(), SETTINGS)
+    assert [o["kind"] for o in objs] == ["RayCluster", "Secret"]
+    secret = objs[1]
+    assert secret["data"] == {}
+    assert all(o["metadata"]["namespace"] == "team-a" for o in objs)
+    assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == job().uid
+
+
+@pytest.fixture(scope="module")
+def kuberay_schema():
+    if not KUBERAY_CRD.exists():
+        pytest.skip(f"KubeRay's CRD is not at {KUBERAY_CRD}")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(KUBERAY_CRD.read_text(), Loader=loader)
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+def _structural(schema):
+    """OpenAPI v3 structural schema → JSON Schema: int-or-string, and no unknown fields."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _structural(v) if isinstance(v, dict) else
+           [_structural(i) for i in v] if isinstance(v, list) and k in ("allOf", "anyOf", "oneOf")
+           else v for k, v in schema.items() if not k.startswith("x-kubernetes")}
+    if "properties" in schema:
+        out["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+    if isinstance(schema.get("additionalProperties"), dict):
+        out["additionalProperties"] = _structural(schema["additionalProperties"])
+    if "items" in schema:
+        out["items"] = _structural(schema["items"])
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"spec.resources.gpusPerWorker": 0, "spec.resources.tolerations": None},
+    {"spec.s3": None, "spec.resources.nodeSelector": None,
+     "spec.resources.priorityClassName": None},
+], ids=["gpu", "cpu", "minimal"])
+def test_cluster_validates_against_kuberay_crd(kuberay_schema, changes):
+    import jsonschema
+
+    cluster = build_raycluster(job(**changes), SETTINGS, auth_secret="llama-ray-auth")
+    cluster["metadata"]["namespace"] = "team-a"
+    schema = _structural(kuberay_schema)
+    schema["properties"]["metadata"] = {"type": "object"}
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(cluster), key=str)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
+
+
+def test_structural_check_catches_unknown_fields(kuberay_schema):
+    """The check above can fail: a field KubeRay does not know is refused."""
+    import jsonschema
+
+    cluster = build_raycluster(job(), SETTINGS)
+    cluster["spec"]["headGroupSpec"]["bogus"] = 1
+    schema = _structural(kuberay_schema)
+    schema["properties"]["metadata"] = {"type": "object"}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(cluster))

@@ -1,0 +1,188 @@
+"""The state machine as a table: (phase, observed world) -> (actions, next phase, reason)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from finetune_operator import phases
+from finetune_operator.phases import (ClusterState as C, CreateCluster, DeleteCluster, DeleteJob,
+                                      Observed, RayJobState as R, Reason, SaveLog,
+                                      SecretState as S, StopJob, Submit, decide)
+
+from operator_jobs import job
+
+NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=timezone.utc)
+JOB = job()
+A1 = phases.submission_id(JOB, 1)
+A2 = phases.submission_id(JOB, 2)
+SUBMITTED = {"type": "Submitted", "status": "True", "reason": "JobSubmitted"}
+
+
+def obs(status=None, *, j=JOB, secret=S.PRESENT, cluster=C.ABSENT, ray=R.UNKNOWN,
+        exit_code=None, rejected=(), now=NOW):
+    return Observed(job=j, generation=1, status=status or {}, now=now, secret=secret,
+                    cluster=cluster, ray_job=ray, exit_code=exit_code,
+                    rejected_fields=rejected)
+
+
+def running(**extra):
+    return {"phase": "Running", "rayJobId": A1, "conditions": [SUBMITTED],
+            "startTime": "2026-11-24T11:00:00Z", **extra}
+
+
+TABLE = [
+    # id, status, observed world, expected actions, next phase, first condition's reason
+    ("new job, secret missing", {}, dict(secret=S.MISSING),
+     [], "Pending", Reason.SECRET_NOT_FOUND),
+    ("new job, secret lacks keys", {}, dict(secret=S.INCOMPLETE),
+     [], "Pending", Reason.SECRET_KEY_MISSING),
+    ("new job, secret present", {}, dict(),
+     [CreateCluster()], "Provisioning", Reason.CLUSTER_CREATING),
+    ("new job, no secret needed", {}, dict(secret=S.NOT_NEEDED),
+     [CreateCluster()], "Provisioning", Reason.CLUSTER_CREATING),
+    ("cluster coming up", {"phase": "Provisioning"}, dict(cluster=C.PROVISIONING),
+     [], "Provisioning", Reason.CLUSTER_PROVISIONING),
+    ("name taken by another object", {"phase": "Provisioning"}, dict(cluster=C.FOREIGN),
+     [], "Provisioning", Reason.CLUSTER_NAME_CONFLICT),
+    ("cluster ready, nothing submitted", {"phase": "Provisioning"},
+     dict(cluster=C.READY, ray=R.NOT_FOUND),
+     [Submit(A1)], "Provisioning", Reason.CLUSTER_READY),
+    ("dashboard does not answer", {"phase": "Provisioning"},
+     dict(cluster=C.READY, ray=R.UNREACHABLE),
+     [], "Provisioning", Reason.DASHBOARD_UNREACHABLE),
+    ("ray job pending", {"phase": "Provisioning", "rayJobId": A1},
+     dict(cluster=C.READY, ray=R.PENDING), [], "Provisioning", Reason.CLUSTER_READY),
+    ("ray job running", {"phase": "Provisioning", "rayJobId": A1},
+     dict(cluster=C.READY, ray=R.RUNNING), [], "Running", Reason.CLUSTER_READY),
+    ("ray job succeeded, DeleteCluster", running(), dict(cluster=C.READY, ray=R.SUCCEEDED),
+     [DeleteCluster()], "Succeeded", Reason.SUCCEEDED),
+    ("ray job failed, retry", running(), dict(cluster=C.READY, ray=R.FAILED),
+     [SaveLog(A1)], "Retrying", Reason.ATTEMPT_FAILED),
+    ("ray job stopped by someone, retry", running(), dict(cluster=C.READY, ray=R.STOPPED),
+     [SaveLog(A1)], "Retrying", Reason.ATTEMPT_FAILED),
+    ("retry submits the next attempt", {"phase": "Retrying", "rayJobId": A2, "retries": 1},
+     dict(cluster=C.READY, ray=R.NOT_FOUND), [Submit(A2)], "Retrying", Reason.CLUSTER_READY),
+    ("failed and out of retries", running(retries=3), dict(cluster=C.READY, ray=R.FAILED),
+     [SaveLog(A1), DeleteCluster()], "Failed", Reason.BACKOFF_LIMIT_EXCEEDED),
+    ("bad input is not retried", running(), dict(cluster=C.READY, ray=R.FAILED, exit_code=3),
+     [SaveLog(A1), DeleteCluster()], "Failed", Reason.BAD_INPUT),
+    ("cluster lost mid-run", running(), dict(cluster=C.ABSENT),
+     [CreateCluster()], "Retrying", Reason.CLUSTER_LOST),
+    ("cluster broken mid-run", running(), dict(cluster=C.FAILED),
+     [DeleteCluster()], "Retrying", Reason.CLUSTER_FAILED),
+    ("cluster lost, out of retries", running(retries=3), dict(cluster=C.ABSENT),
+     [], "Failed", Reason.BACKOFF_LIMIT_EXCEEDED),
+    ("deadline passed while running",
+     running(startTime="2026-11-24T10:00:00Z"),
+     dict(j=job(**{"spec.runPolicy.activeDeadlineSeconds": 600}), cluster=C.READY,
+          ray=R.RUNNING),
+     [StopJob(A1), DeleteCluster()], "Failed", Reason.DEADLINE_EXCEEDED),
+    ("deadline not yet passed", running(startTime="2026-11-24T11:59:00Z"),
+     dict(j=job(**{"spec.runPolicy.activeDeadlineSeconds": 600}), cluster=C.READY,
+          ray=R.RUNNING),
+     [], "Running", Reason.CLUSTER_READY),
+    ("suspend a running job", running(),
+     dict(j=job(**{"spec.runPolicy.suspend": True}), cluster=C.READY, ray=R.RUNNING),
+     [StopJob(A1), DeleteCluster()], "Suspended", Reason.SUSPENDED),
+    ("suspended and cleaned up", {"phase": "Suspended", "rayJobId": A1},
+     dict(j=job(**{"spec.runPolicy.suspend": True})), [], "Suspended", Reason.SUSPENDED),
+    ("resume", {"phase": "Suspended", "rayJobId": A1}, dict(),
+     [], "Provisioning", Reason.RESUMED),
+    ("suspend before anything ran", {},
+     dict(j=job(**{"spec.runPolicy.suspend": True})), [], "Suspended", Reason.SUSPENDED),
+    ("succeeded, cluster still there", {"phase": "Succeeded"}, dict(cluster=C.READY),
+     [DeleteCluster()], "Succeeded", None),
+    ("succeeded, Keep policy", {"phase": "Succeeded"},
+     dict(j=job(**{"spec.runPolicy.cleanupPolicy": "Keep"}), cluster=C.READY),
+     [], "Succeeded", None),
+    ("failed, KeepOnFailure", running(retries=3),
+     dict(j=job(**{"spec.runPolicy.cleanupPolicy": "KeepOnFailure"}), cluster=C.READY,
+          ray=R.FAILED),
+     [SaveLog(A1)], "Failed", Reason.BACKOFF_LIMIT_EXCEEDED),
+    ("succeeded, KeepOnFailure deletes", running(),
+     dict(j=job(**{"spec.runPolicy.cleanupPolicy": "KeepOnFailure"}), cluster=C.READY,
+          ray=R.SUCCEEDED),
+     [DeleteCluster()], "Succeeded", Reason.SUCCEEDED),
+    ("finished jobs never recreate children", {"phase": "Failed"}, dict(cluster=C.ABSENT),
+     [], "Failed", None),
+    ("ttl expired", {"phase": "Succeeded", "completionTime": "2026-11-24T11:00:00Z"},
+     dict(j=job(**{"spec.runPolicy.ttlSecondsAfterFinished": 60})), [DeleteJob()],
+     "Succeeded", None),
+    ("ttl not yet expired", {"phase": "Succeeded", "completionTime": "2026-11-24T11:59:30Z"},
+     dict(j=job(**{"spec.runPolicy.ttlSecondsAfterFinished": 60})), [], "Succeeded", None),
+]
+
+
+@pytest.mark.parametrize("status,world,actions,phase,reason",
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_transition(status, world, actions, phase, reason):
+    d = decide(obs(status, **world))
+    assert d.actions == actions
+    assert d.phase == phase
+    assert d.reason == reason
+
+
+def test_retry_bumps_attempt_and_counts():
+    d = decide(obs(running(), cluster=C.READY, ray=R.FAILED))
+    assert d.status == {"retries": 1, "rayJobId": A2}
+    assert [e.reason for e in d.events] == [Reason.ATTEMPT_FAILED]
+    assert d.events[0].type == "Warning"
+
+
+def test_submission_ids_are_deterministic_per_job_and_attempt():
+    assert A1 == "llama-0f1e2d3c-a1"
+    assert phases.attempt_of(A2) == 2
+    assert phases.next_submission_id(JOB, A2) == phases.submission_id(JOB, 3)
+    other = job(**{"metadata.uid": "11111111-2222-3333-4444-555555555555"})
+    assert phases.submission_id(other, 1) != A1
+
+
+def test_first_running_sets_start_and_running_since():
+    d = decide(obs({"phase": "Provisioning", "rayJobId": A1}, cluster=C.READY, ray=R.RUNNING))
+    assert d.status["startTime"] == d.status["runningSince"] == "2026-11-24T12:00:00Z"
+    assert [e.reason for e in d.events] == [Reason.JOB_RUNNING]
+    again = decide(obs(running(), cluster=C.READY, ray=R.RUNNING))
+    assert "startTime" not in again.status and not again.events
+
+
+def test_resume_uses_a_new_attempt_id():
+    d = decide(obs({"phase": "Suspended", "rayJobId": A1}))
+    assert d.status["rayJobId"] == A2
+
+
+def test_missing_secret_posts_one_event_and_backs_off():
+    first = decide(obs({}, secret=S.MISSING))
+    assert "s3-credentials" in first.message and first.backoff
+    assert len(first.events) == 1 and first.events[0].reason == Reason.SECRET_NOT_FOUND
+    cond = first.conditions[0]
+    status = {"phase": "Pending", "conditions": [
+        {"type": cond.type, "status": cond.status, "reason": cond.reason}]}
+    assert decide(obs(status, secret=S.MISSING)).events == []
+
+
+def test_missing_secret_does_not_matter_once_the_cluster_exists():
+    d = decide(obs(running(), secret=S.MISSING, cluster=C.READY, ray=R.RUNNING))
+    assert d.phase == "Running"
+
+
+def test_rejected_spec_change_keeps_the_run_going():
+    d = decide(obs(running(), cluster=C.READY, ray=R.RUNNING,
+                   rejected=("spec.resources.workers",)))
+    assert d.phase == "Running" and d.actions == []
+    (cond,) = [c for c in d.conditions if c.type == "SpecAccepted"]
+    assert cond.status == "False" and cond.reason == Reason.IMMUTABLE_FIELD_CHANGED
+    assert "spec.resources.workers" in cond.message
+    assert [e.reason for e in d.events] == [Reason.IMMUTABLE_FIELD_CHANGED]
+
+
+def test_finished_job_without_ttl_is_looked_at_rarely():
+    d = decide(obs({"phase": "Succeeded"}, cluster=C.ABSENT))
+    assert d.requeue_after >= 600
+
+
+def test_ttl_requeues_at_expiry():
+    d = decide(obs({"phase": "Failed", "completionTime": "2026-11-24T11:59:30Z"},
+                   j=job(**{"spec.runPolicy.ttlSecondsAfterFinished": 60})))
+    assert d.requeue_after == pytest.approx(30)
