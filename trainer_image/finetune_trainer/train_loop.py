@@ -115,6 +115,12 @@ def train_func(config: dict) -> None:
         if upload_mode == ray.train.CheckpointUploadMode.SYNC:
             dist.barrier()  # every rank's upload is done: the checkpoint is complete
         if rank == 0:
+            if upload_mode == ray.train.CheckpointUploadMode.SYNC:
+                # The controller registers the checkpoint a moment after the uploads; only a
+                # registered one is found on resume, so announce it only once it is (a stop
+                # in between would otherwise resume from the one before the announced one).
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
             emit("checkpoint", step=state.step, uri=f"{job.checkpoint_run_uri}/{dir_name}")
             # How long training stood still for this checkpoint (save + upload with SYNC,
             # save only with ASYNC).
