@@ -85,7 +85,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     job = _load_one_job(args.job)
     settings = Settings.from_env()
     if args.image:
-        settings = dataclasses.replace(settings, default_trainer_image=args.image)
+        settings = dataclasses.replace(settings, default_image=args.image)
     manifests = render_job(job, settings)
     sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
     return 0

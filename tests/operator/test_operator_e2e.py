@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 
 from conftest import NAMESPACE, free_port, wait_until
 
@@ -169,7 +170,9 @@ def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, 
     op = start_operator(liveness_port=free_port())
     assert "jobs" in wait_until(lambda: healthz(op.settings.liveness_port), 20,
                                 what="the liveness endpoint")
-    kube.create(doc, "finetunejobs")
+    # Applied as a person or a GitOps pipeline does it: kubectl, through a kubeconfig.
+    applied = kube.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+    assert f"finetunejob.finetune.dev/{name} created" in applied.stdout
 
     cluster = wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE), 30, what="RayCluster")
     spec = cluster["spec"]
