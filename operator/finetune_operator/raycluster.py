@@ -76,9 +76,10 @@ def s3_env(job: FineTuneJob) -> list[dict[str, Any]]:
     return env
 
 
-def _tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+def _tolerations(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
     res = job.spec.resources
-    tolerations = [dict(t) for t in res.tolerations]
+    # The job's own tolerations, or the operator's default node pool's when it has none.
+    tolerations = [dict(t) for t in (res.tolerations or settings.tolerations_default)]
     # GPU node pools are conventionally tainted nvidia.com/gpu:NoSchedule; a job that asks
     # for GPUs must be able to land there even if the user did not spell the toleration out.
     if res.gpus_per_worker > 0 and not any(
@@ -148,9 +149,10 @@ def build_raycluster(job: FineTuneJob, settings: Settings,
         "containers": [_container(WORKER_CONTAINER, image, env, worker_resources)],
         "volumes": [_shm_volume(None)],
     }
-    if res.node_selector:
-        worker_spec["nodeSelector"] = dict(res.node_selector)
-    tolerations = _tolerations(job)
+    node_selector = dict(res.node_selector) or settings.node_selector_default
+    if node_selector:
+        worker_spec["nodeSelector"] = node_selector
+    tolerations = _tolerations(job, settings)
     if tolerations:
         worker_spec["tolerations"] = tolerations
     if res.priority_class_name:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ class Settings:
     default_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
     # rayVersion on the RayCluster: must match the Ray inside the trainer image.
     ray_version: str = "2.60.0"
+    # The GPU node pool of jobs that name none (spec.resources.nodeSelector / tolerations
+    # empty), as JSON: a platform team sets it once in the chart instead of in every job.
+    default_node_selector: str = "{}"
+    default_tolerations: str = "[]"
     # Peering name for hot standby; None runs standalone (one replica, no leader election).
     peering: str | None = None
     priority: int = 0
@@ -86,11 +91,40 @@ class Settings:
         for item in values["trainer_env"]:
             if "=" not in item:
                 raise SystemExit(f"--trainer-env wants KEY=VALUE, got {item!r}")
-        return cls(**values)
+        settings = cls(**values)
+        settings.node_selector_default, settings.tolerations_default  # refuse bad JSON at start
+        return settings
+
+    @property
+    def node_selector_default(self) -> dict[str, str]:
+        value = _json_setting("default_node_selector", self.default_node_selector, dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise SystemExit("--default-node-selector wants a JSON object of strings, "
+                             f"got {self.default_node_selector!r}")
+        return value
+
+    @property
+    def tolerations_default(self) -> list[dict]:
+        value = _json_setting("default_tolerations", self.default_tolerations, list)
+        if not all(isinstance(t, dict) for t in value):
+            raise SystemExit("--default-tolerations wants a JSON list of objects, "
+                             f"got {self.default_tolerations!r}")
+        return value
 
     @property
     def trainer_env_vars(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.trainer_env)
+
+
+def _json_setting(name: str, raw: str, kind: type):
+    try:
+        value = json.loads(raw or ("{}" if kind is dict else "[]"))
+    except ValueError as exc:
+        raise SystemExit(f"--{name.replace('_', '-')} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise SystemExit(f"--{name.replace('_', '-')} wants a JSON "
+                         f"{'object' if kind is dict else 'list'}, got {raw!r}")
+    return value
 
 
 def _env_default(field: dataclasses.Field, environ: Mapping[str, str]):
@@ -121,6 +155,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         "none watches the whole cluster")
     p.add_argument("--default-image", default=d["default_image"])
     p.add_argument("--ray-version", default=d["ray_version"])
+    p.add_argument("--default-node-selector", default=d["default_node_selector"],
+                   metavar="JSON", help='node labels for jobs that set none, e.g. '
+                                         '\'{"pool": "a100"}\'')
+    p.add_argument("--default-tolerations", default=d["default_tolerations"], metavar="JSON",
+                   help="tolerations (a JSON list) for jobs that set none")
     p.add_argument("--peering", default=d["peering"],
                    help="kopf peering name for hot standby; unset runs standalone")
     p.add_argument("--priority", type=int, default=d["priority"])

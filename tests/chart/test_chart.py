@@ -269,6 +269,18 @@ def test_operator_settings_are_passed_as_env():
     assert "FINETUNE_OPERATOR_NAMESPACES" not in env_of(render())
 
 
+def test_default_gpu_node_pool_reaches_the_operator():
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    env = env_of(render({"operator": {"defaultNodeSelector": {"pool": "h100"},
+                                      "defaultTolerations": tolerations}}))
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+    assert settings.node_selector_default == {"pool": "h100"}
+    assert settings.tolerations_default == tolerations
+    plain = Settings.from_env({k: v for k, v in env_of(render()).items()
+                               if k.startswith(ENV_PREFIX)})
+    assert plain.node_selector_default == {} and plain.tolerations_default == []
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_env_is_what_the_operator_reads(mode):
     """Every FINETUNE_OPERATOR_* variable is a Settings field and parses to its value."""

@@ -76,6 +76,32 @@ def test_user_gpu_toleration_is_not_duplicated():
     assert spec["tolerations"] == tol
 
 
+def test_operator_default_node_pool_applies_only_to_jobs_that_name_none():
+    settings = Settings.from_args(
+        ["--default-node-selector", '{"pool": "a100"}',
+         "--default-tolerations", '[{"key": "dedicated", "operator": "Exists"}]'], environ={})
+    bare = job(**{"spec.resources.nodeSelector": None, "spec.resources.tolerations": None})
+    spec = workers(build_raycluster(bare, settings))["template"]["spec"]
+    assert spec["nodeSelector"] == {"pool": "a100"}
+    assert spec["tolerations"] == [{"key": "dedicated", "operator": "Exists"},
+                                   {"key": "nvidia.com/gpu", "operator": "Exists",
+                                    "effect": "NoSchedule"}]
+    own = workers(build_raycluster(job(), settings))["template"]["spec"]
+    assert own["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100"}
+    assert {"key": "dedicated", "operator": "Exists"} not in own["tolerations"]
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--default-node-selector", "{pool: a100}", "not valid JSON"),
+    ("--default-node-selector", '["a100"]', "wants a JSON object"),
+    ("--default-node-selector", '{"pool": 1}', "JSON object of strings"),
+    ("--default-tolerations", '{"key": "x"}', "wants a JSON list"),
+])
+def test_bad_default_node_pool_settings_stop_the_operator_with_a_reason(flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        Settings.from_args([flag, value], environ={})
+
+
 def test_s3_credentials_are_secret_references_never_values():
     cluster = build_raycluster(job(), SETTINGS)
     for pod in (cluster["spec"]["headGroupSpec"]["template"],
