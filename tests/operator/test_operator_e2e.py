@@ -33,7 +33,7 @@ RC = ("ray.io/v1", "rayclusters")
 OPERATOR_RBAC = {
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
     ("finetune.dev", "finetunejobs/status"): {"patch"},
-    ("ray.io", "rayclusters"): {"get", "create", "delete"},
+    ("ray.io", "rayclusters"): {"get", "list", "watch", "create", "delete"},
     ("", "secrets"): {"get", "create"},
     ("", "events"): {"create"},
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},

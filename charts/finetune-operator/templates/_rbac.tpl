@@ -26,11 +26,12 @@ rules with the API calls recorded while the operator runs.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# One RayCluster per job (kube.py): get to observe KubeRay's state, create from the job,
-# delete on suspend, retry, clean-up and FineTuneJob deletion. Never listed or watched.
+# One RayCluster per job (kube.py): list/watch (labelled finetune.dev/job) so KubeRay's
+# state reaches the job at once (main.watch_cluster, an informer), get until the watch has
+# reported, create from the job, delete on suspend, retry, clean-up and job deletion.
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # get: the job's S3 credentials Secret (spec.s3.secretRef) must exist with its keys before a
 # cluster starts, and the Ray auth-token Secret is read back on restarts; create: the
 # per-job Ray auth-token Secret. No list/watch: the operator never enumerates Secrets.
