@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU throughput benchmark: tokens/s per GPU and MFU of the trainer against hand-written loops
+# (~1B-parameter Llama-style model, bf16, one GPU, DeepSpeed ZeRO-3 and FSDP FULL_SHARD).
+#
+#   bench/gpu.sh                      # the real run (needs an NVIDIA GPU and a CUDA build of torch)
+#   bench/gpu.sh --steps 50 --micro-batch 8
+#   bench/gpu.sh --device cpu --tiny  # smoke mode: exercises the code path on any machine
+#
+# Results: bench/results/gpu_throughput.json (smoke mode: gpu_throughput_smoke.json).
+# Environment: PYTHON (default .venv/bin/python) must have the project installed
+# (`pip install -e '.[trainer]'`) with a torch build that matches the machine's CUDA driver:
+# the Makefile's CPU torch pin is for CPU machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+
+smoke=0
+for arg in "$@"; do [[ "$arg" == "--tiny" || "$arg" == "cpu" ]] && smoke=1; done
+
+if [[ $smoke == 0 ]]; then
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        echo "gpu.sh: no nvidia-smi: this machine has no NVIDIA GPU (use --device cpu --tiny)" >&2
+        exit 2
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$PYTHON" - <<'PY'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu.sh: torch {torch.__version__} sees no CUDA device: install a CUDA build of torch")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+PY
+fi
+
+# DeepSpeed JIT-builds its ops once per machine; keep them with the repository's cache.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+export RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0
+exec "$PYTHON" -m bench gpu_throughput "$@"

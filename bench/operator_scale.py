@@ -1,0 +1,515 @@
+"""Operator scale: N FineTuneJobs created at once, the project's operator against a bare kopf floor.
+
+Processes (each its own, so no one's CPU or GIL hides inside another's figures):
+- the Kubernetes API emulator of tests/kube (`bench._emulator`, which also serves the emulator's
+  request recorder at /debug/recorder);
+- the cluster side (`bench._fake_ray`): tests/kube's KubeRay stand-in marking RayClusters ready,
+  and a light Ray Jobs HTTP API answering RUNNING with one progress line in the log;
+- the operator under test: the floor (`kopf run bench/_floor_operator.py`: one create handler,
+  one RayCluster, one status.phase patch) or ours (`finetune operator`, default settings);
+- this driver: creates the jobs and timestamps what a watcher sees.
+
+Per size N, on one emulator: the floor runs first in namespace floor-N, then ours in ours-N (the
+floor's namespace is deleted in between, and only one operator runs at a time). Figures:
+time until every RayCluster exists / every job is Running (floor: its phase patch), per-job
+create->cluster and create->running latency (from the driver's watch events), API requests per job
+by verb up to Running (the emulator's recorder), operator peak RSS (VmHWM) and CPU per job
+(utime+stime from /proc), and at --track-at jobs the operator's CPU per minute while all sit in
+Running. Ours is reported as a ratio to the floor measured minutes before on the same emulator.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import (REPO, VENV_BIN, fmt, free_port, percentile, proc_cpu_seconds,
+                          proc_status_kb, ratio, table, write_results)
+
+WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
+FTJ = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
+RAYCLUSTERS = "/apis/ray.io/v1/namespaces/{ns}/rayclusters"
+
+GOALS = {
+    "running_all_s": 15.0,          # 1,000 jobs all Running within 15 s
+    "clusters_all_ratio": 2.0,      # all RayClusters within 2x the floor's time
+    "p99_create_to_cluster_s": 3.0,
+    "writes_per_job": 8.0,          # API writes per job up to Running
+    "peak_rss_mb": 150.0,
+    "tracking_core_pct": 10.0,      # % of one core while 1,000 jobs sit in Running
+}
+
+
+def job_manifest(name: str, namespace: str) -> dict[str, Any]:
+    """A valid job the operator accepts; no spec.s3.secretRef, so no Secret is needed."""
+    return {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "s3://models/tiny"},
+            "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 64},
+            "strategy": {"type": "deepspeed", "deepspeed": {"stage": 3}},
+            "training": {"maxSteps": 1000, "microBatchSize": 4, "learningRate": 3.0e-4,
+                         "precision": "bf16"},
+            "resources": {"workers": 2, "gpusPerWorker": 1, "cpusPerWorker": 4,
+                          "memoryPerWorker": "32Gi"},
+            "checkpoint": {"uri": f"s3://ckpt/{namespace}", "everySteps": 100, "keep": 2},
+        },
+    }
+
+
+# --- child processes ---------------------------------------------------------------------------
+
+class Child:
+    """A child process whose first stdout line is a JSON object (its address)."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 first_line: bool = True) -> None:
+        self.log_path = log
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.PIPE if first_line else self.log,
+                                     stderr=self.log, start_new_session=True)
+        self.info: dict[str, Any] = {}
+        if first_line:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait(5)
+                raise RuntimeError(f"{argv[:4]} exited: see {log}")
+            self.info = json.loads(line)
+            # The rest of stdout goes to the log, drained by a thread-free copy at exit.
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            rest = self.proc.stdout.read()
+            if rest:
+                self.log.write(rest)
+        self.log.close()
+
+
+def wait_http_ok(url: str, timeout: float, proc: Child) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"the operator exited ({proc.proc.returncode}); see {proc.log_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout}s; see {proc.log_path}")
+
+
+def write_kubeconfig(path: Path, url: str, token: str, namespace: str) -> Path:
+    from tests.kube.emulator import write_kubeconfig as write
+    return write(path, url, token, namespace)
+
+
+# --- the driver's view ---------------------------------------------------------------------------
+
+class Watcher:
+    """Timestamps (monotonic, this process) of what a client watching the namespace sees."""
+
+    def __init__(self, session: aiohttp.ClientSession, ns: str) -> None:
+        self.session, self.ns = session, ns
+        self.job_added: dict[str, float] = {}
+        self.job_running: dict[str, float] = {}
+        self.cluster_added: dict[str, float] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.errors: list[str] = []
+        self.changed = asyncio.Event()
+
+    async def start(self) -> None:
+        for path, handler in ((FTJ.format(ns=self.ns), self._on_job),
+                              (RAYCLUSTERS.format(ns=self.ns), self._on_cluster)):
+            async with self.session.get(path) as resp:
+                rv = (await resp.json())["metadata"]["resourceVersion"]
+            self.tasks.append(asyncio.create_task(self._watch(path, rv, handler)))
+
+    async def _watch(self, path: str, rv: str, handler) -> None:
+        params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}
+        try:
+            async with self.session.get(path, params=params,
+                                        timeout=aiohttp.ClientTimeout(total=None)) as resp:
+                async for line in resp.content:
+                    now = time.monotonic()
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":
+                        self.errors.append(str(event["object"]))
+                        return
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        handler(event["type"], event["object"], now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken watch is a bench failure; say it
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _on_job(self, kind: str, obj: dict, now: float) -> None:
+        name = obj["metadata"]["name"]
+        self.job_added.setdefault(name, now)
+        if (obj.get("status") or {}).get("phase") == "Running" and name not in self.job_running:
+            self.job_running[name] = now
+            self.changed.set()
+
+    def _on_cluster(self, kind: str, obj: dict, now: float) -> None:
+        owners = obj["metadata"].get("ownerReferences") or []
+        job = owners[0]["name"] if owners else obj["metadata"]["name"]
+        if job not in self.cluster_added:
+            self.cluster_added[job] = now
+            self.changed.set()
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def recorder(session: aiohttp.ClientSession) -> dict[str, list]:
+    async with session.get("/debug/recorder") as resp:
+        return await resp.json()
+
+
+def calls_by_verb(before: dict[str, list], after: dict[str, list], identity: str) -> dict[str, int]:
+    """Requests of `identity` between two recorder snapshots, by verb (and 'verb resource')."""
+    def index(snap: dict[str, list]) -> dict[tuple, int]:
+        return {tuple(row[:5]): row[5] for row in snap.get(identity, [])}
+    b, a = index(before), index(after)
+    out: dict[str, int] = {}
+    for key, n in a.items():
+        delta = n - b.get(key, 0)
+        if delta <= 0:
+            continue
+        verb, group, resource, sub, _ns = key
+        out[verb] = out.get(verb, 0) + delta
+        name = f"{verb} {resource}{'/' + sub if sub else ''}"
+        out[name] = out.get(name, 0) + delta
+    return out
+
+
+async def fake_ray_stats(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/stats") as resp:
+            return await resp.json()
+
+
+# --- one operator, one size ----------------------------------------------------------------------
+
+async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, tokens: dict[str, str],
+                  fake_ray: Child, workdir: Path) -> dict[str, Any]:
+    ns = f"{which}-{n}"
+    identity = which
+    admin = aiohttp.ClientSession(emu_url, headers={"Authorization": f"Bearer {tokens['admin']}"},
+                                  connector=aiohttp.TCPConnector(limit=0))
+    try:
+        async with admin.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
+                                                          "metadata": {"name": ns}}) as resp:
+            assert resp.status == 201, await resp.text()
+        kubeconfig = write_kubeconfig(workdir / f"kubeconfig-{ns}", emu_url, tokens[identity], ns)
+        live_port = free_port()
+        env = {"KUBECONFIG": str(kubeconfig), "HOME": str(workdir)}
+        if which == "floor":
+            argv = [str(VENV_BIN / "kopf"), "run", "--standalone", "--namespace", ns,
+                    "--liveness", f"http://127.0.0.1:{live_port}/healthz",
+                    str(REPO / "bench" / "_floor_operator.py")]
+            env.update(BENCH_KUBE_URL=emu_url, BENCH_KUBE_TOKEN=tokens[identity])
+        else:
+            # Default settings (reconcile interval, timeouts, logging) but ports for a shared host
+            # and the head address the stand-in publishes.
+            if args.ours_pythonpath:
+                # A candidate fix of the operator, measured without touching operator/.
+                env["PYTHONPATH"] = os.pathsep.join((args.ours_pythonpath, str(REPO)))
+            flags = ["--namespace", ns, "--liveness-port", str(live_port), "--metrics-port", "0",
+                     "--dashboard-host", "127.0.0.1"]
+            argv = [str(VENV_BIN / "finetune"), "operator", *flags]
+            if os.environ.get("BENCH_PROFILE"):
+                # Where the CPU goes (not for the reported figures: the profiler slows it down).
+                argv = [sys.executable, "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"],
+                        "-m", "finetune_api.cli", "operator", *flags]
+        op = Child(argv, workdir / f"operator-{ns}.log", env, first_line=False)
+        try:
+            wait_http_ok(f"http://127.0.0.1:{live_port}/healthz", 60, op)
+            await asyncio.sleep(1.0)  # let the watch start before the burst; startup CPU excluded
+            watcher = Watcher(admin, ns)
+            await watcher.start()
+            rec0 = await recorder(admin)
+            ray0 = await fake_ray_stats(fake_ray.info["dashboard_port"])
+            cpu0 = proc_cpu_seconds(op.pid)
+            emu_cpu0 = proc_cpu_seconds(args._emu_pid)
+
+            # The burst: every job created as fast as the API server takes them.
+            sem = asyncio.Semaphore(args.create_concurrency)
+            failures: list[str] = []
+
+            async def create(i: int) -> None:
+                async with sem:
+                    async with admin.post(FTJ.format(ns=ns), json=job_manifest(f"job-{i:05d}", ns)) as r:
+                        if r.status != 201:
+                            failures.append(f"{r.status}: {(await r.text())[:200]}")
+
+            t0 = time.monotonic()
+            await asyncio.gather(*(create(i) for i in range(n)))
+            t_created = time.monotonic() - t0
+            if failures:
+                raise RuntimeError(f"{len(failures)} creates failed, e.g. {failures[0]}")
+
+            # Long enough for the floor many times over; capped so a slow operator at 3,000 jobs
+            # reports how far it got (clusters/running counts) instead of holding the run.
+            timeout = args.timeout or min(240.0, 60 + 0.15 * n)
+            deadline = t0 + timeout
+            while time.monotonic() < deadline:
+                if len(watcher.cluster_added) >= n and len(watcher.job_running) >= n:
+                    break
+                if op.proc.poll() is not None:
+                    raise RuntimeError(f"the operator exited; see {op.log_path}")
+                watcher.changed.clear()
+                try:
+                    await asyncio.wait_for(watcher.changed.wait(), 1.0)
+                except TimeoutError:
+                    pass
+            t_end = time.monotonic()
+            cpu1 = proc_cpu_seconds(op.pid)
+            emu_cpu1 = proc_cpu_seconds(args._emu_pid)
+            rec1 = await recorder(admin)
+            ray1 = await fake_ray_stats(fake_ray.info["dashboard_port"])
+            hwm_kb = proc_status_kb(op.pid, "VmHWM")
+
+            names = [f"job-{i:05d}" for i in range(n)]
+            c_lat = [watcher.cluster_added[j] - watcher.job_added[j] for j in names
+                     if j in watcher.cluster_added and j in watcher.job_added]
+            r_lat = [watcher.job_running[j] - watcher.job_added[j] for j in names
+                     if j in watcher.job_running and j in watcher.job_added]
+            all_clusters = len(watcher.cluster_added) >= n
+            all_running = len(watcher.job_running) >= n
+            calls = calls_by_verb(rec0, rec1, identity)
+            writes = sum(calls.get(v, 0) for v in WRITE_VERBS)
+            reads = sum(calls.get(v, 0) for v in ("get", "list"))
+            result: dict[str, Any] = {
+                "operator": which, "jobs": n, "namespace": ns,
+                "created_all_s": t_created,
+                "clusters": len(watcher.cluster_added), "running": len(watcher.job_running),
+                "clusters_all_s": (max(watcher.cluster_added.values()) - t0) if all_clusters else None,
+                "running_all_s": (max(watcher.job_running.values()) - t0) if all_running else None,
+                "timed_out_after_s": None if (all_clusters and all_running) else t_end - t0,
+                "create_to_cluster_p50_s": percentile(c_lat, 50),
+                "create_to_cluster_p99_s": percentile(c_lat, 99),
+                "create_to_running_p50_s": percentile(r_lat, 50),
+                "create_to_running_p99_s": percentile(r_lat, 99),
+                "api_calls_to_running": calls,
+                "api_writes_per_job": writes / n,
+                "api_reads_per_job": reads / n,
+                "api_calls_per_job_by_verb": {k: v / n for k, v in calls.items() if " " not in k},
+                "ray_api_calls": {k: v - ray0["requests"].get(k, 0) for k, v in ray1["requests"].items()},
+                "cpu_ms_per_job": (cpu1 - cpu0) * 1000 / n,
+                "emulator_cpu_ms_per_job": (emu_cpu1 - emu_cpu0) * 1000 / n,
+                "peak_rss_mb": hwm_kb / 1024 if hwm_kb else None,
+                "watch_errors": watcher.errors,
+                "operator_log": str(op.log_path),
+            }
+
+            if n == args.track_at and all_running:
+                # The tracking cost: every job Running, nothing changing; whatever the operator
+                # does now it does per job per interval, forever.
+                await asyncio.sleep(args.settle)
+                rec_a = await recorder(admin)
+                ray_a = await fake_ray_stats(fake_ray.info["dashboard_port"])
+                c_a, w_a = proc_cpu_seconds(op.pid), time.monotonic()
+                await asyncio.sleep(args.track_seconds)
+                c_b, w_b = proc_cpu_seconds(op.pid), time.monotonic()
+                rec_b = await recorder(admin)
+                ray_b = await fake_ray_stats(fake_ray.info["dashboard_port"])
+                minutes = (w_b - w_a) / 60
+                tcalls = calls_by_verb(rec_a, rec_b, identity)
+                result["tracking"] = {
+                    "jobs_running": n, "seconds": w_b - w_a,
+                    "cpu_ms_per_minute": (c_b - c_a) * 1000 / minutes,
+                    "core_pct": (c_b - c_a) / (w_b - w_a) * 100,
+                    "kube_calls_per_job_per_minute": {k: v / n / minutes for k, v in tcalls.items()},
+                    "ray_calls_per_job_per_minute": {
+                        k: (v - ray_a["requests"].get(k, 0)) / n / minutes
+                        for k, v in ray_b["requests"].items()},
+                }
+                result["peak_rss_mb"] = (proc_status_kb(op.pid, "VmHWM") or 0) / 1024
+            await watcher.stop()
+            return result
+        finally:
+            op.stop()
+    finally:
+        await admin.close()
+
+
+async def delete_namespace(emu_url: str, token: str, ns: str) -> None:
+    async with aiohttp.ClientSession(emu_url, headers={"Authorization": f"Bearer {token}"}) as s:
+        async with s.delete(f"/api/v1/namespaces/{ns}") as resp:
+            await resp.read()
+
+
+def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    tokens = {name: f"{name}-{secrets.token_hex(8)}" for name in ("admin", "floor", "ours", "kuberay-operator")}
+    emu = Child([sys.executable, "-m", "bench._emulator",
+                 *(f"--token={k}={v}" for k, v in tokens.items())], workdir / f"emulator-{n}.log")
+    fake = None
+    try:
+        args._emu_pid = emu.pid
+        fake = Child([sys.executable, "-m", "bench._fake_ray", "--kube-url", emu.info["url"],
+                      "--token", tokens["kuberay-operator"], "--ready-delay", str(args.ready_delay)],
+                     workdir / f"fake-ray-{n}.log")
+        out = {}
+        for which in args.operators:
+            print(f"  N={n}: {which} ...", flush=True)
+            out[which] = asyncio.run(run_one(which, n, args, emu.info["url"], tokens, fake, workdir))
+            r = out[which]
+            print(f"  N={n}: {which}: clusters {r['clusters']}/{n} in {fmt(r['clusters_all_s'])} s, "
+                  f"running {r['running']}/{n} in {fmt(r['running_all_s'])} s", flush=True)
+            asyncio.run(delete_namespace(emu.info["url"], tokens["admin"], r["namespace"]))
+        out["emulator_peak_rss_mb"] = (proc_status_kb(emu.pid, "VmHWM") or 0) / 1024
+        return out
+    finally:
+        if fake is not None:
+            fake.stop()
+        emu.stop()
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+ROWS = [
+    ("created all (s)", "created_all_s"),
+    ("all RayClusters (s)", "clusters_all_s"),
+    ("all Running (s)", "running_all_s"),
+    ("create->cluster p50 (s)", "create_to_cluster_p50_s"),
+    ("create->cluster p99 (s)", "create_to_cluster_p99_s"),
+    ("create->running p50 (s)", "create_to_running_p50_s"),
+    ("create->running p99 (s)", "create_to_running_p99_s"),
+    ("API writes / job", "api_writes_per_job"),
+    ("API reads / job", "api_reads_per_job"),
+    ("operator CPU ms / job", "cpu_ms_per_job"),
+    ("emulator CPU ms / job", "emulator_cpu_ms_per_job"),
+    ("operator peak RSS (MB)", "peak_rss_mb"),
+]
+
+
+def report(sizes: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    parts, goals = [], {}
+    for n, res in sizes.items():
+        floor, ours = res.get("floor"), res.get("ours")
+        rows = []
+        for label, key in ROWS:
+            f = floor.get(key) if floor else None
+            o = ours.get(key) if ours else None
+            rows.append((label, f, o, ratio(o, f)))
+        for who in ("floor", "ours"):
+            r = res.get(who)
+            if r and r.get("timed_out_after_s"):
+                rows.append((f"{who}: TIMED OUT at", r["timed_out_after_s"],
+                             f"{r['clusters']} clusters", f"{r['running']} running"))
+        parts.append(table(("N=%d" % n, "floor", "ours", "ours/floor"), rows))
+        verbs = sorted({k for who in ("floor", "ours") if res.get(who)
+                        for k in res[who]["api_calls_to_running"]})
+        parts.append(table(("requests/job to Running", "floor", "ours"),
+                           [(v, (res["floor"]["api_calls_to_running"].get(v, 0) / n) if res.get("floor") else None,
+                             (res["ours"]["api_calls_to_running"].get(v, 0) / n) if res.get("ours") else None)
+                            for v in verbs]))
+        for who in ("floor", "ours"):
+            t = (res.get(who) or {}).get("tracking")
+            if t:
+                parts.append(table((f"{who}: tracking {n} Running jobs", "value"), [
+                    ("seconds sampled", t["seconds"]),
+                    ("CPU ms / minute", t["cpu_ms_per_minute"]),
+                    ("% of one core", t["core_pct"]),
+                    *((f"k8s {k} /job/min", v) for k, v in t["kube_calls_per_job_per_minute"].items() if " " in k),
+                    *((f"ray {k} /job/min", v) for k, v in t["ray_calls_per_job_per_minute"].items()),
+                ]))
+        if ours:
+            g = goals.setdefault(str(n), {})
+            if n == 1000 or n == max(sizes):
+                g["all Running within 15 s (1,000 jobs)"] = (ours["running_all_s"] is not None
+                                                             and ours["running_all_s"] <= GOALS["running_all_s"]) if n == 1000 else None
+            if floor and ours["clusters_all_s"] and floor["clusters_all_s"]:
+                g["all RayClusters within 2x floor"] = ours["clusters_all_s"] <= GOALS["clusters_all_ratio"] * floor["clusters_all_s"]
+            if ours["create_to_cluster_p99_s"] is not None:
+                g["p99 create->cluster < 3 s"] = ours["create_to_cluster_p99_s"] < GOALS["p99_create_to_cluster_s"]
+            g["<= 8 API writes/job to Running"] = ours["api_writes_per_job"] <= GOALS["writes_per_job"]
+            g["peak RSS < 150 MB"] = (ours["peak_rss_mb"] or 0) < GOALS["peak_rss_mb"]
+            if ours.get("tracking"):
+                g["tracking 1,000 Running < 10% of a core"] = ours["tracking"]["core_pct"] < GOALS["tracking_core_pct"]
+            g = {k: v for k, v in g.items() if v is not None}
+            goals[str(n)] = g
+    goal_rows = [(n, k, "met" if v else "NOT met") for n, g in goals.items() for k, v in g.items()]
+    parts.append(table(("N", "goal", "verdict"), goal_rows))
+    return "\n\n".join(parts), goals
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench operator_scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", default="100,1000,3000", help="comma-separated sizes (default %(default)s)")
+    p.add_argument("--operators", default="floor,ours", help="which to run, in order (default %(default)s)")
+    p.add_argument("--track-at", type=int, default=1000,
+                   help="the size at which to sample the tracking cost (default %(default)s)")
+    p.add_argument("--track-seconds", type=float, default=30.0)
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds after the last job is Running before tracking is sampled")
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="per run; 0 = 60 s + 150 ms per job, at most 240 s")
+    p.add_argument("--create-concurrency", type=int, default=32)
+    p.add_argument("--ready-delay", type=float, default=0.2,
+                   help="the KubeRay stand-in's provisioning delay (its default)")
+    p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (path printed)")
+    p.add_argument("--ours-pythonpath", default="",
+                   help="a directory with a modified finetune_operator package to measure instead "
+                        "of operator/ (e.g. a candidate fix)")
+    p.add_argument("--results-name", default="operator_scale",
+                   help="results file name under bench/results/ (default %(default)s)")
+    args = p.parse_args(argv)
+    args.operators = [o.strip() for o in args.operators.split(",") if o.strip()]
+    sizes = [int(x) for x in args.jobs.split(",") if x.strip()]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-operator-scale-"))
+    print(f"operator_scale: sizes {sizes}; logs in {workdir}", flush=True)
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for n in sizes:
+            results[n] = run_size(n, args, workdir)
+    finally:
+        if results:
+            text, goals = report(results)
+            print(text)
+            ratios = {str(n): {key: ratio((r.get("ours") or {}).get(key), (r.get("floor") or {}).get(key))
+                               for _, key in ROWS} for n, r in results.items()}
+            path = write_results(args.results_name, {
+                "goals": GOALS, "verdicts": goals, "ratios_ours_over_floor": ratios, "table": text,
+                "sizes": {str(n): r for n, r in results.items()},
+                "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            }, ["python", "-m", "bench", "operator_scale", *argv])
+            print(f"results: {path}")
+        if not args.keep_logs and results:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
