@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # DeepSpeed compiles its CPU ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The venv first on PATH: Ray job entrypoints and DeepSpeed's op builds then find the venv's
+# tools (two different `ninja`s hash the same build differently and rebuild it each time).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RAY_DEDUP_LOGS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 

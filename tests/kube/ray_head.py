@@ -69,6 +69,12 @@ def _ray_start(head: RayHead, num_cpus: int, timeout: float) -> None:
     result = subprocess.run([str(VENV_BIN / 'ray'), 'start', '--head', f'--port={head.gcs_port}',
                     '--node-ip-address=127.0.0.1', '--dashboard-host=127.0.0.1',
                     f'--dashboard-port={head.dashboard_port}', f'--ray-client-server-port={head.client_port}',
+                    # Ray's defaults put each node's dashboard agent on 52365 (metrics on 8080):
+                    # another Ray on this host (the trainer tests' ray.init, a benchmark) then
+                    # keeps this head's job agent from starting, and every submit answers "No
+                    # available agent to submit job". Every port is picked free.
+                    f'--dashboard-agent-listen-port={free_port()}', f'--dashboard-agent-grpc-port={free_port()}',
+                    f'--runtime-env-agent-port={free_port()}', f'--metrics-export-port={free_port()}',
                     f'--num-cpus={num_cpus}', '--include-dashboard=true', f'--temp-dir={head.temp_dir}',
                     '--disable-usage-stats'],
                    env=head.env, capture_output=True, text=True, timeout=timeout)

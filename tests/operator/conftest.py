@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import secrets
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -26,8 +23,7 @@ import pytest
 # tests/ is on sys.path (its conftest.py is rootdir-level and not in a package), so the
 # emulator fixtures of tests/kube are importable here.
 from kube.conftest import kube, kuberay  # noqa: F401  (fixtures)
-from kube.ray_head import (VENV_BIN, RayHead, _wait_until_jobs_can_run, free_port,
-                           stop_ray_head)
+from kube.ray_head import free_port, start_ray_head, stop_ray_head
 
 from finetune_operator.main import operator
 from finetune_operator.settings import Settings
@@ -37,45 +33,12 @@ NAMESPACE = "default"
 S3_SECRET = "s3-credentials"
 
 
-def start_ray_head(num_cpus: int = 2, timeout: float = 300) -> RayHead:
-    """tests/kube's Ray head (token auth, venv first on PATH), but with every port free-picked.
-
-    Ray's defaults put each node's dashboard agent on 52365 (and metrics on 8080): a second
-    Ray on this host (the trainer tests' `ray.init`) then keeps this head's job agent from
-    starting, and every submit answers "No available agent to submit job"."""
-    token = secrets.token_hex(32)
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = RayHead(free_port(), free_port(), free_port(), token, temp_dir, env)
-    try:
-        result = subprocess.run(
-            [str(VENV_BIN / "ray"), "start", "--head", f"--port={head.gcs_port}",
-             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={head.dashboard_port}",
-             f"--ray-client-server-port={head.client_port}",
-             f"--dashboard-agent-listen-port={free_port()}",
-             f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-             f"--num-cpus={num_cpus}", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"],
-            env=env, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            raise RuntimeError(f"ray start failed:\n{result.stdout[-2000:]}\n"
-                               f"{result.stderr[-2000:]}")
-        _wait_until_jobs_can_run(head, time.monotonic() + timeout)
-    except BaseException:
-        stop_ray_head(head)
-        raise
-    return head
-
-
 @pytest.fixture(scope="session")
 def ray_head(s3_server):
     """One Ray head for the session, started after s3_server so that it (and the trainer it
     runs) inherits the moto credentials from the environment, as pods get them from the
     job's Secret in a cluster."""
-    head = start_ray_head()
+    head = start_ray_head(timeout=300)
     try:
         yield head
     finally:
