@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from bench.common import table, write_results
-from bench.trainer_overhead import add_shape_args, alternate, base_env, build_assets, start_ray
+from bench.trainer_overhead import (add_shape_args, alternate, base_env, build_assets,
+                                    share_with_this_process, start_ray)
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s, from the vendors' data sheets. Matched by
 # substring of torch.cuda.get_device_name(), first match wins (order matters: "H100 PCIe"
@@ -87,8 +88,7 @@ def main(argv: list[str]) -> int:
           f"step per GPU, {a.steps} steps, {a.precision}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     env = base_env()
-    os.environ.update({k: env[k] for k in ("PYTHONPATH", "TORCH_EXTENSIONS_DIR", "RAY_DEDUP_LOGS",
-                                           "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+    share_with_this_process(env)
     import ray
     env["RAY_ADDRESS"] = start_ray(num_cpus=max(2, a.workers * 2),
                                    num_gpus=n_gpus if a.device == "cuda" else None)

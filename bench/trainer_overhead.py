@@ -219,6 +219,13 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def share_with_this_process(env: dict[str, str]) -> None:
+    """The Ray instance this process starts must see the same paths and auth token as the
+    trainer processes that join it."""
+    os.environ.update({k: env[k] for k in ("PYTHONPATH", "TORCH_EXTENSIONS_DIR", "RAY_DEDUP_LOGS",
+                                           "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+
+
 def alternate(strategies: list[str], assets: dict[str, Any], a: argparse.Namespace, workdir: Path,
               env: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -336,8 +343,7 @@ def main(argv: list[str]) -> int:
           f"{a.steps} steps, {a.precision}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-trainer-overhead-"))
     env = base_env()
-    os.environ.update({k: env[k] for k in ("PYTHONPATH", "TORCH_EXTENSIONS_DIR", "RAY_DEDUP_LOGS",
-                                           "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+    share_with_this_process(env)
     startup = None
     if not a.no_startup:
         # First, before this process starts Ray: `finetune run` starts its own, as on a laptop.

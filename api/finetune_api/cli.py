@@ -58,7 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.address:
         env["RAY_ADDRESS"] = args.address
-    if not (args.plain or not sys.stdout.isatty()):
+    if sys.stdout.isatty() and not args.plain:
         return _run_with_progress_bar(command, env)
     return subprocess.call(command, env=env)
 
