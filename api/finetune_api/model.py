@@ -161,8 +161,9 @@ class FineTuneJob:
     document: dict[str, Any]  # the admitted, defaulted document
 
     @classmethod
-    def from_document(cls, doc: Any) -> "FineTuneJob":
-        admitted = admit(doc)
+    def from_document(cls, doc: Any, *, rules: bool = True) -> "FineTuneJob":
+        """`rules=False`: see `validation.admit` (for documents an API server admitted)."""
+        admitted = admit(doc, rules=rules)
         meta = admitted.get("metadata") or {}
         return cls(name=meta.get("name") or meta.get("generateName", "job").rstrip("-"),
                    namespace=meta.get("namespace"), uid=meta.get("uid"),

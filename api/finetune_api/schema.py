@@ -339,6 +339,10 @@ STATUS = obj(
         "completionTime": string("When the job finished.", format="date-time"),
         "logTail": string("The last lines of a failed attempt's log."),
         "logUri": string("Where the failed attempt's full log was saved."),
+        "acceptedSpec": string(
+            "The spec (all but runPolicy) the job's runs start from, as JSON. Stored before "
+            "the first submission; while a run is under way, changes to these fields are "
+            "refused (ImmutableFieldChanged) and this spec stays in effect."),
     },
 )
 

@@ -2,9 +2,9 @@
 
 The pass is level-based: it reads the FineTuneJob, its Secret, its RayCluster and its Ray
 job every time, and everything it must remember between passes lives in the job's status
-(phase, rayJobId, retries, conditions) or in an annotation (the accepted spec), never only
-in memory. In-memory state (`JobMemory`) only saves work: the log cursor, the Ray auth
-token, the back-off delay. A restarted operator loses it and carries on.
+(phase, rayJobId, retries, conditions, the accepted spec), never only in memory. In-memory
+state (`JobMemory`) only saves work: the log cursor, the Ray auth token, the back-off delay,
+the operator's own last status write. A restarted operator loses it and carries on.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .logstore import LogStoreError, S3Credentials, save_log
 from .metrics import Metrics
 from .phases import ClusterState, Decision, Observed, RayJobState, SecretState
 from .rayjobs import DashboardUnreachable, RayJobInfo, RayJobsClient, RayJobsError
-from .settings import ACCEPTED_SPEC_ANNOTATION, JOB_LABEL, Settings
+from .settings import JOB_LABEL, Settings
 
 logger = logging.getLogger("finetune_operator")
 
@@ -56,6 +56,20 @@ class JobMemory:
     # rules in celpy, ~2.8 ms), which the API server already ran on this very document.
     parsed_key: str | None = None
     parsed: FineTuneJob | None = None
+    # The status as the operator's own last write returned it, and that write's
+    # resourceVersion, until the job watch delivers that version (main.observe_job). kopf's
+    # copy of the job lags behind the operator's writes under load: a pass that decided from
+    # it re-sent the status and re-posted Events for transitions it had already made.
+    # Only the operator writes the status, so its own last write is the newest status.
+    written_status: dict[str, Any] | None = None
+    written_version: str | None = None
+    # The deletion clean-up (main.start_cleanup), once the job is being deleted.
+    cleanup: asyncio.Task | None = None
+
+    def seen_version(self, resource_version: str | None) -> None:
+        """The job watch delivered this version: from it on, kopf's copy is as new."""
+        if resource_version is not None and resource_version == self.written_version:
+            self.written_status = self.written_version = None
 
 
 @dataclass
@@ -132,18 +146,17 @@ class Reconciler:
 
     # --- the accepted spec -------------------------------------------------------------
 
-    def accepted_spec(self, body: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...],
-                                                           bool]:
+    def accepted_spec(self, spec: dict[str, Any], status: dict[str, Any]
+                      ) -> tuple[dict[str, Any], tuple[str, ...], bool]:
         """(spec in effect, rejected immutable paths, whether to store it as accepted).
 
         A job's spec is taken as it is while nothing runs (Pending, Suspended); once a run
-        started, changes to anything but runPolicy are rejected and the stored spec stays in
-        effect, with the current runPolicy.
+        started, changes to anything but runPolicy are rejected and the stored spec
+        (status.acceptedSpec) stays in effect, with the current runPolicy.
         """
-        spec = dict(body.get("spec") or {})
-        phase = (body.get("status") or {}).get("phase") or phases.PENDING
-        raw = ((body.get("metadata") or {}).get("annotations") or {}).get(
-            ACCEPTED_SPEC_ANNOTATION)
+        spec = dict(spec or {})
+        phase = status.get("phase") or phases.PENDING
+        raw = status.get("acceptedSpec")
         stored = None
         if raw:
             try:
@@ -259,6 +272,8 @@ class Reconciler:
         if decision.backoff:
             return self._backoff(mem, decision.reason or "backoff")
         mem.backoff_reason = None
+        if decision.phase == phases.RUNNING:
+            return self.settings.tracking_interval
         return self.settings.reconcile_interval
 
     def _backoff(self, mem: JobMemory, reason: str) -> float:
@@ -273,22 +288,22 @@ class Reconciler:
         meta = body.get("metadata") or {}
         if meta.get("deletionTimestamp"):
             return None
-        status = dict(body.get("status") or {})
+        status = dict(mem.written_status if mem.written_status is not None
+                      else body.get("status") or {})
         generation = int(meta.get("generation") or 1)
-        spec, rejected, store_accepted = self.accepted_spec(body)
+        spec, rejected, store_accepted = self.accepted_spec(body.get("spec"), status)
         document = job_document(body, spec)
         key = json.dumps(document, sort_keys=True)
         if mem.parsed_key == key and mem.parsed is not None:
             job = mem.parsed
         else:
             try:
-                job = FineTuneJob.from_document(document)
+                # Without the CEL rules: the API server ran the same ones on this document
+                # when it admitted it (celpy took ~25 % of the operator's CPU at intake).
+                job = FineTuneJob.from_document(document, rules=False)
             except ValidationError as e:
-                return await self._invalid(body, status, generation, str(e))
+                return await self._invalid(body, status, generation, str(e), mem)
             mem.parsed_key, mem.parsed = key, job
-        async def store_accepted_spec() -> None:
-            await self.kube.patch_job_metadata(job.namespace, job.name, {"annotations": {
-                ACCEPTED_SPEC_ANNOTATION: json.dumps(immutable_view(spec), sort_keys=True)}})
 
         phase = status.get("phase") or phases.PENDING
         world = World()
@@ -299,6 +314,11 @@ class Reconciler:
             secret = await self.observe_secret(job)
         if mem.cluster_known:
             world.cluster = mem.cluster
+        elif not status.get("phase") and not status.get("rayCluster"):
+            # A job the operator never wrote a status for has no cluster yet (unless a pass
+            # created one and died before its status write: the create then answers 409 and
+            # the next pass looks). No GET in front of every new job's RayCluster POST.
+            world.cluster = None
         else:
             world.cluster = await self.kube.get_raycluster(job.namespace,
                                                            raycluster.cluster_name(job))
@@ -332,17 +352,20 @@ class Reconciler:
                        failure_message=world.tracked.failure)
         decision = phases.decide(obs)
         patch: dict[str, Any] = {}
-        # The accepted spec must be stored before anything is submitted; a cluster can be
-        # created first (it is what a new job waits for longest).
         submits = any(isinstance(a, phases.Submit) for a in decision.actions)
-        if store_accepted and submits:
-            await store_accepted_spec()
+        if store_accepted:
+            accepted = json.dumps(immutable_view(spec), sort_keys=True)
+            if submits:
+                # It must be stored before anything is submitted: a pass that submits on a
+                # cluster that was already ready (rare: a resumed or retried job) writes it
+                # first. Usually it rides on the first status write, a pass before Submit.
+                await self._write(meta, status, {"acceptedSpec": accepted}, mem)
+            else:
+                patch["acceptedSpec"] = accepted
         await self.execute(body, job, decision, world, client, mem, patch)
-        if store_accepted and not submits:
-            await store_accepted_spec()
         if submits and client is not None:
             decision = await self._after_submit(obs, decision, client, status, generation, now)
-        await self.write_status(body, job, status, generation, decision, world, patch, now)
+        await self.write_status(body, job, status, generation, decision, world, patch, now, mem)
         return decision
 
     async def _after_submit(self, obs: Observed, decision: Decision, client: RayJobsClient,
@@ -366,11 +389,16 @@ class Reconciler:
         if again.actions:
             return decision
         again.status = {**decision.status, **again.status}
-        again.events = decision.events + again.events
+        # Submitted and already running: the JobRunning Event names the Ray job, so a
+        # JobSubmitted Event of the same instant would only repeat it.
+        running = any(e.reason == phases.Reason.JOB_RUNNING for e in again.events)
+        again.events = [e for e in decision.events
+                        if not (running and e.reason == phases.Reason.JOB_SUBMITTED)
+                        ] + again.events
         return again
 
     async def _invalid(self, body: dict[str, Any], status: dict[str, Any], generation: int,
-                       message: str) -> Decision:
+                       message: str, mem: JobMemory) -> Decision:
         """A spec the API server admitted but the validator refuses (e.g. an old CRD)."""
         decision = Decision(phase=phases.FAILED, message=f"Invalid spec: {message}")
         decision.conditions.append(phases.Condition(phases.COND_SPEC_ACCEPTED, "False",
@@ -378,7 +406,7 @@ class Reconciler:
         if status.get("phase") != phases.FAILED:
             decision.events.append(phases.Event("Warning", "InvalidSpec", decision.message))
             decision.status["completionTime"] = phases.iso(now_utc())
-        await self._patch(body, status, generation, decision, {}, phases.iso(now_utc()))
+        await self._patch(body, status, generation, decision, {}, phases.iso(now_utc()), mem)
         decision.requeue_after = 3600.0
         return decision
 
@@ -431,7 +459,9 @@ class Reconciler:
             await self.kube.create_raycluster(ns, cluster)
             logger.info("Created RayCluster %s/%s", ns, cluster["metadata"]["name"])
         except Conflict:
-            pass  # created by an earlier pass whose status write was lost: fine
+            # Created by an earlier pass whose status write was lost (fine), or somebody
+            # else's cluster of that name: the next pass GETs it to tell which.
+            mem.cluster_known = False
 
     def trainer_env(self, job: FineTuneJob) -> dict[str, str]:
         env = self.settings.trainer_env_vars
@@ -482,7 +512,8 @@ class Reconciler:
 
     async def write_status(self, body: dict[str, Any], job: FineTuneJob,
                            status: dict[str, Any], generation: int, decision: Decision,
-                           world: World, patch: dict[str, Any], now: datetime) -> None:
+                           world: World, patch: dict[str, Any], now: datetime,
+                           mem: JobMemory) -> None:
         patch.update(world.tracked.as_status())
         patch.update(decision.status)
         if decision.phase == phases.SUCCEEDED and status.get("phase") != phases.SUCCEEDED:
@@ -506,10 +537,20 @@ class Reconciler:
         deleting = any(isinstance(a, phases.DeleteCluster) for a in decision.actions)
         exists = (world.cluster is not None and not deleting) or creating
         patch["rayCluster"] = raycluster.cluster_name(job) if exists else None
-        await self._patch(body, status, generation, decision, patch, phases.iso(now))
+        await self._patch(body, status, generation, decision, patch, phases.iso(now), mem)
+
+    async def _write(self, meta: dict[str, Any], status: dict[str, Any],
+                     changes: dict[str, Any], mem: JobMemory) -> None:
+        """PATCH the status; what the API server returns is the next pass's status."""
+        written = await self.kube.patch_job_status(meta["namespace"], meta["name"], changes)
+        status.update(changes)
+        if isinstance(written, dict) and isinstance(written.get("status"), dict):
+            mem.written_status = written["status"]
+            mem.written_version = (written.get("metadata") or {}).get("resourceVersion")
 
     async def _patch(self, body: dict[str, Any], status: dict[str, Any], generation: int,
-                     decision: Decision, patch: dict[str, Any], now: str) -> None:
+                     decision: Decision, patch: dict[str, Any], now: str,
+                     mem: JobMemory) -> None:
         meta = body["metadata"]
         patch = dict(patch)
         patch["phase"] = decision.phase
@@ -522,10 +563,11 @@ class Reconciler:
         changes = {k: v for k, v in patch.items() if status.get(k) != v
                    and not (v is None and k not in status)}
         if changes:
-            await self.kube.patch_job_status(meta["namespace"], meta["name"], changes)
+            before = status.get("phase")
+            await self._write(meta, status, changes, mem)
             if "phase" in changes:
                 logger.info("FineTuneJob %s/%s: %s -> %s (%s)", meta["namespace"],
-                            meta["name"], status.get("phase") or "-", decision.phase,
+                            meta["name"], before or "-", decision.phase,
                             decision.message)
         for event in decision.events:
             try:

@@ -23,8 +23,6 @@ JOB_LABEL = "finetune.dev/job"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "finetune-operator"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# The spec the running attempt was started from; see `reconcile.accepted_spec`.
-ACCEPTED_SPEC_ANNOTATION = f"{ANNOTATION_PREFIX}/accepted-spec"
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,10 @@ class Settings:
     # conditions that wait on people (a missing Secret) or on the network (the dashboard).
     reconcile_interval: float = 10.0
     max_backoff: float = 60.0
+    # How often a Running job's Ray job and log are read. Two dashboard requests per job
+    # per pass were most of the operator's CPU with 1,000 jobs running (bench/
+    # operator_scale); status.progress is for people, and a failure is seen this much later.
+    tracking_interval: float = 30.0
     # The Ray dashboard is reached at http://<status.head.serviceIP>:<endpoints.dashboard>
     # as KubeRay publishes them; an operator outside the cluster (tests, port-forwards)
     # overrides the host.
@@ -167,6 +169,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--metrics-port", type=int, default=d["metrics_port"])
     p.add_argument("--reconcile-interval", type=float, default=d["reconcile_interval"])
     p.add_argument("--max-backoff", type=float, default=d["max_backoff"])
+    p.add_argument("--tracking-interval", type=float, default=d["tracking_interval"],
+                   help="seconds between looks at a Running job's Ray job and log")
     p.add_argument("--dashboard-host", default=d["dashboard_host"])
     p.add_argument("--dashboard-timeout", type=float, default=d["dashboard_timeout"])
     p.add_argument("--head-cpu", default=d["head_cpu"])

@@ -105,7 +105,7 @@ def test_rbac_matches_the_calls_the_operator_makes(kube, mode):  # noqa: F811
     elif settings_overrides["peering"]:
         kube.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
                      "metadata": {"name": PEERING, "namespace": ns}}, "kopfpeerings")
-    settings = Settings(liveness_port=0, metrics_port=0, reconcile_interval=0.5,
+    settings = Settings(liveness_port=0, metrics_port=0, reconcile_interval=0.5, tracking_interval=0.5,
                         max_backoff=1.0, log_format="plain", **settings_overrides)
     token = kube.add_identity("operator")
     job = job_manifest(ns)

@@ -91,7 +91,7 @@ def start_operator(kube, kuberay):  # noqa: F811
         if identity not in tokens:
             tokens[identity] = kube.add_identity(identity)
         token = tokens[identity]
-        values = dict(namespaces=(NAMESPACE,), reconcile_interval=1.0, max_backoff=4.0,
+        values = dict(namespaces=(NAMESPACE,), reconcile_interval=1.0, tracking_interval=1.0, max_backoff=4.0,
                       liveness_port=0, metrics_port=free_port(), log_format="plain",
                       trainer_env=(f"TORCH_EXTENSIONS_DIR={REPO / '.cache' / 'torch_extensions'}",
                                    "RAY_DEDUP_LOGS=0"))

@@ -9,7 +9,7 @@ import pytest
 from finetune_operator import phases
 from finetune_operator.reconcile import (Reconciler, changed_paths, immutable_view,
                                          merge_conditions)
-from finetune_operator.settings import ACCEPTED_SPEC_ANNOTATION, Settings
+from finetune_operator.settings import Settings
 
 from operator_jobs import document
 
@@ -21,15 +21,18 @@ def reconciler() -> Reconciler:
 
 def body_with(phase=None, accepted=None, **changes):
     doc = document(**changes)
-    if phase:
-        doc["status"] = {"phase": phase}
+    doc["status"] = {"phase": phase} if phase else {}
     if accepted is not None:
-        doc["metadata"]["annotations"] = {ACCEPTED_SPEC_ANNOTATION: json.dumps(accepted)}
+        doc["status"]["acceptedSpec"] = json.dumps(accepted)
     return doc
 
 
+def accepted_spec(body):
+    return reconciler().accepted_spec(body["spec"], body["status"])
+
+
 def test_a_new_job_accepts_its_spec():
-    spec, rejected, store = reconciler().accepted_spec(body_with())
+    spec, rejected, store = accepted_spec(body_with())
     assert rejected == () and store
     assert spec == document()["spec"]
 
@@ -38,7 +41,7 @@ def test_immutable_change_while_running_is_rejected_and_the_old_spec_stays():
     accepted = immutable_view(document()["spec"])
     body = body_with("Running", accepted, **{"spec.resources.workers": 8,
                                              "spec.runPolicy.backoffLimit": 5})
-    spec, rejected, store = reconciler().accepted_spec(body)
+    spec, rejected, store = accepted_spec(body)
     assert rejected == ("spec.resources.workers",) and not store
     assert spec["resources"]["workers"] == 4          # the run keeps its spec
     assert spec["runPolicy"]["backoffLimit"] == 5      # runPolicy stays mutable
@@ -47,7 +50,7 @@ def test_immutable_change_while_running_is_rejected_and_the_old_spec_stays():
 def test_run_policy_changes_are_accepted_while_running():
     accepted = immutable_view(document()["spec"])
     body = body_with("Running", accepted, **{"spec.runPolicy.suspend": True})
-    spec, rejected, store = reconciler().accepted_spec(body)
+    spec, rejected, store = accepted_spec(body)
     assert rejected == () and not store and spec["runPolicy"]["suspend"] is True
 
 
@@ -55,7 +58,7 @@ def test_run_policy_changes_are_accepted_while_running():
 def test_changes_are_accepted_while_nothing_runs(phase):
     accepted = immutable_view(document()["spec"])
     body = body_with(phase, accepted, **{"spec.resources.workers": 8})
-    spec, rejected, store = reconciler().accepted_spec(body)
+    spec, rejected, store = accepted_spec(body)
     assert rejected == () and store and spec["resources"]["workers"] == 8
 
 

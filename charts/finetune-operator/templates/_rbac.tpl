@@ -8,9 +8,8 @@ rules with the API calls recorded while the operator runs.
 {{/* Rules on namespaced objects: in the ClusterRole (mode cluster) or in each Role (mode namespaced). */}}
 {{- define "finetune-operator.rules.namespaced" -}}
 # kopf lists and watches FineTuneJobs and patches them (its finalizer, its handler progress
-# and diff-base annotations; main.py configure_kopf); the operator patches its
-# accepted-spec annotation (reconcile.py) and deletes a finished job whose
-# spec.runPolicy.ttlSecondsAfterFinished ran out (kube.py delete_job).
+# and diff-base annotations; main.py configure_kopf); the operator deletes a finished
+# job whose spec.runPolicy.ttlSecondsAfterFinished ran out (kube.py delete_job).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["list", "watch", "patch", "delete"]
