@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,32 @@ def run_trainer(ray_address, tmp_path):
         return TrainerRun(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stdout.splitlines()))
 
     return run
+
+
+@pytest.fixture
+def complete_in_bucket(s3_server):
+    """check(uri) -> world size: every rank's state file and every file it lists (the manifest
+    `checkpointing.write_state` records), at its size, is in the bucket; no directory markers
+    (pyarrow's create_dir leaves them, boto3's uploads do not)."""
+
+    def check(uri: str) -> int:
+        prefix = uri[len(f"s3://{s3_server.bucket}/"):] + "/"
+        pages = s3_server.client.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
+        sizes = {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
+        assert "trainer_state_rank0.json" in sizes, (uri, sorted(sizes))
+        assert not [k for k in sizes if k.endswith("/") or k == ""], f"directory markers: not boto3's upload {sorted(sizes)}"
+
+        def state(r):
+            body = s3_server.client.get_object(Bucket=s3_server.bucket, Key=f"{prefix}trainer_state_rank{r}.json")["Body"]
+            return json.loads(body.read())
+
+        world = state(0)["world"]
+        for r in range(world):
+            assert f"trainer_state_rank{r}.json" in sizes, (uri, r, sorted(sizes))
+            listed = state(r)["files"]
+            assert listed, (uri, r)
+            for rel, size in listed.items():
+                assert sizes.get(rel) == size, (uri, r, rel, size, sizes.get(rel))
+        return world
+
+    return check

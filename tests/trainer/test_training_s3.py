@@ -32,7 +32,7 @@ def _load_final_model(s3_server, prefix: str, tmp_path):
     return text
 
 
-def _check_run(run, s3_server, tmp_path, name, shard_markers):
+def _check_run(run, s3_server, tmp_path, name, shard_markers, complete_in_bucket):
     assert run.rc == 0, run.explain()
     import os
 
@@ -57,6 +57,10 @@ def _check_run(run, s3_server, tmp_path, name, shard_markers):
             assert any(marker in k for k in keys), (marker, keys)
         assert any(k.endswith("trainer_state_rank0.json") for k in keys)
         assert any(k.endswith("trainer_state_rank1.json") for k in keys)
+        assert complete_in_bucket(event["uri"]) == 2  # every rank's files, whole, no markers
+        for rank in (0, 1):  # each rank uploaded its part itself, with boto3 (not Ray's pyarrow copy)
+            assert re.search(rf"rank {rank} uploaded its part of {event['uri'].rsplit('/', 1)[1]}: .*boto3\)",
+                             run.stdout), run.stdout[-3000:]
     # Checkpointing must not stall training for long (tiny model: well under a second on an
     # idle machine; the bound leaves room for a loaded CI box).
     stalls = [float(m) for m in re.findall(r"checkpoint at step \d+ stalled training for ([0-9.]+)s", run.stdout)]
@@ -68,7 +72,7 @@ def _check_run(run, s3_server, tmp_path, name, shard_markers):
     assert text.startswith("the cat")
 
 
-def test_zero3_two_workers_s3(make_job, run_trainer, s3_server, tmp_path):
+def test_zero3_two_workers_s3(make_job, run_trainer, s3_server, tmp_path, complete_in_bucket):
     job = make_job("zero3-s3", {
         "strategy": {"deepspeed": {"stage": 3}},
         "training": {"maxSteps": 14, "precision": "bf16", "lrScheduler": "cosine", "warmupSteps": 2},
@@ -77,14 +81,15 @@ def test_zero3_two_workers_s3(make_job, run_trainer, s3_server, tmp_path):
     run = run_trainer(job)
     _check_run(run, s3_server, tmp_path, "zero3-s3",
                ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"])
+                "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"],
+               complete_in_bucket)
 
 
-def test_fsdp_full_shard_two_workers_s3(make_job, run_trainer, s3_server, tmp_path):
+def test_fsdp_full_shard_two_workers_s3(make_job, run_trainer, s3_server, tmp_path, complete_in_bucket):
     job = make_job("fsdp-s3", {
         "strategy": {"type": "fsdp", "fsdp": {"shardingStrategy": "FULL_SHARD"}},
         "training": {"maxSteps": 14, "precision": "bf16", "lrScheduler": "linear", "warmupSteps": 2},
         "checkpoint": {"everySteps": 7},
     })
     run = run_trainer(job)
-    _check_run(run, s3_server, tmp_path, "fsdp-s3", ["__0_0.distcp", "__1_0.distcp", "/.metadata"])
+    _check_run(run, s3_server, tmp_path, "fsdp-s3", ["__0_0.distcp", "__1_0.distcp", "/.metadata"], complete_in_bucket)

@@ -25,13 +25,12 @@ from .storage import Location, S3Settings, check_bucket, resolve  # noqa: E402
 # get those from their own pod environment, like the driver).
 PASSED_ENV = ("TORCH_EXTENSIONS_DIR", "FINETUNE_CACHE_DIR", "FINETUNE_FAULT_AFTER_STEP", "HF_HOME",
               "HF_HUB_OFFLINE")
-# SYNC (default) or ASYNC. Both were measured on CPU (tiny model): SYNC stalls training
-# 0.1-0.4 s per checkpoint, ASYNC 0.02-0.05 s. SYNC is the default because its guarantee is
-# what the rest of the system relies on: when report() returns and the ranks pass a barrier,
-# every rank's shard is in storage, so the `checkpoint` event names a complete checkpoint and
-# the fault-injection hook fires after a checkpoint that a retry will find. With ASYNC the
-# event is printed while uploads may still run (a crash right after can lose that checkpoint).
+# SYNC or ASYNC (Ray Train's checkpoint_upload_mode); DEFAULT_UPLOAD_MODE when unset. In both
+# the `checkpoint` event is printed only once Ray Train registered the checkpoint, i.e. every
+# rank's upload finished (checkpointing.Announcer): SYNC before the step loop goes on, ASYNC at a
+# later step boundary (or before the fault hook fires / training ends).
 UPLOAD_MODE_ENV = "FINETUNE_CHECKPOINT_UPLOAD_MODE"
+DEFAULT_UPLOAD_MODE = "SYNC"
 
 
 def fail(reason: str, message: str, code: int) -> int:
@@ -138,6 +137,9 @@ def with_absolute_file_uris(job: FineTuneJob) -> FineTuneJob:
 def run_job(job: FineTuneJob, fresh: bool = False) -> int:
     """Run the job to completion on Ray Train; returns the process exit code."""
     job = with_absolute_file_uris(job)
+    upload_mode = (os.environ.get(UPLOAD_MODE_ENV) or DEFAULT_UPLOAD_MODE).upper()
+    if upload_mode not in ("SYNC", "ASYNC"):
+        return fail("BadInput", f"{UPLOAD_MODE_ENV}={upload_mode!r}: expected SYNC or ASYNC", EXIT_BAD_INPUT)
     try:
         ckpt = preflight(job)
     except TrainerError as exc:
@@ -160,7 +162,6 @@ def run_job(job: FineTuneJob, fresh: bool = False) -> int:
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
-    upload_mode = os.environ.get(UPLOAD_MODE_ENV, "SYNC").upper()
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job": job.document, "fresh": fresh, "upload_mode": upload_mode},

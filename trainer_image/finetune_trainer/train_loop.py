@@ -20,6 +20,11 @@ from .progress import ProgressReporter, emit, say
 # that did not resume from a checkpoint, so the retry of the same job succeeds. The tests
 # and the operator's retry tests use it to kill a run at a known point.
 FAULT_HOOK_ENV = "FINETUNE_FAULT_AFTER_STEP"
+# Rank 0 waits up to this long for Ray Train to register a SYNC checkpoint (its own upload is
+# done by then; registration follows the last rank's within a second or two), and for every
+# upload still running before the fault hook fires and at the end of training.
+REGISTER_TIMEOUT_S = 120
+FINAL_UPLOADS_TIMEOUT_S = 3600
 
 
 def _seed_everything(seed: int) -> None:
@@ -102,6 +107,11 @@ def train_func(config: dict) -> None:
         emit("started", totalSteps=plan.total_steps, resumedFromStep=resumed_from or 0,
              workers=world, strategy=spec.strategy.type)
     reporter = ProgressReporter(plan.total_steps, state.step, tokens_per_step)
+    # s3://: every rank uploads its own part with boto3 (checkpointing.s3_upload_fn); other
+    # schemes keep Ray Train's own copy.
+    upload_fn = checkpointing.s3_upload_fn(settings, rank) if spec.checkpoint.uri.startswith("s3://") else None
+    announcer = checkpointing.Announcer() if rank == 0 else None
+    sync_upload = upload_mode == ray.train.CheckpointUploadMode.SYNC
     fault_after = os.environ.get(FAULT_HOOK_ENV)
     fault_after = int(fault_after) if fault_after and resumed_from is None else None
     batches_per_epoch = plan.steps_per_epoch * gas
@@ -111,19 +121,20 @@ def train_func(config: dict) -> None:
         state.rng = checkpointing.capture_rng()
         state.loss = loss
         dir_name = f"checkpoint_step{state.step:08d}_{attempt}"
-        checkpointing.save(strategy, state, rank, {"step": state.step, "loss": loss}, dir_name, upload_mode)
-        if upload_mode == ray.train.CheckpointUploadMode.SYNC:
-            dist.barrier()  # every rank's upload is done: the checkpoint is complete
+        checkpointing.save(strategy, state, rank, world, {"step": state.step, "loss": loss}, dir_name,
+                           upload_mode, upload_fn)
         if rank == 0:
-            if upload_mode == ray.train.CheckpointUploadMode.SYNC:
-                # The controller registers the checkpoint a moment after the uploads; only a
-                # registered one is found on resume, so announce it only once it is (a stop
-                # in between would otherwise resume from the one before the announced one).
-                ray.train.get_all_reported_checkpoints(
-                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
-            emit("checkpoint", step=state.step, uri=f"{job.checkpoint_run_uri}/{dir_name}")
-            # How long training stood still for this checkpoint (save + upload with SYNC,
-            # save only with ASYNC).
+            announcer.add(state.step, dir_name, f"{job.checkpoint_run_uri}/{dir_name}")
+            if sync_upload:
+                # The `checkpoint` event only once the controller has registered it (every
+                # rank's upload done, and the one a rerun resumes from). The other ranks go on
+                # and wait for rank 0 in the next step's collectives. A rank slower than this
+                # wait leaves it to the next step boundaries' polls.
+                announcer.poll(wait_s=REGISTER_TIMEOUT_S)
+            else:
+                announcer.poll()  # ASYNC: announced at a later step boundary (poll below)
+            # How long training stood still for this checkpoint (save + upload + registration
+            # with SYNC, the local save only with ASYNC).
             say(f"finetune-train: checkpoint at step {state.step} stalled training for "
                 f"{time.monotonic() - began:.2f}s ({upload_mode.name} upload)")
 
@@ -142,6 +153,8 @@ def train_func(config: dict) -> None:
             state.epoch, state.batch = (state.epoch, b + 1) if b + 1 < batches_per_epoch else (state.epoch + 1, 0)
             loss = _all_reduce([sum(micro_losses) / len(micro_losses)], device)[0] / world
             micro_losses = []
+            if announcer is not None:
+                announcer.poll()  # ASYNC checkpoints registered since the last step
             if rank == 0:
                 # Checkpoint steps are always printed: a resumed run can be compared there.
                 reporter.step(state.step, state.epoch if state.batch else state.epoch - 1, loss,
@@ -149,9 +162,13 @@ def train_func(config: dict) -> None:
             if state.step % spec.checkpoint.every_steps == 0 or state.step == plan.total_steps:
                 save_checkpoint(loss)
             if fault_after is not None and state.step == fault_after and rank == 0:
+                announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # "after that step's checkpoint": complete
                 raise InjectedFault(f"test hook {FAULT_HOOK_ENV}={fault_after}: injected failure after step {state.step}")
             if state.step >= plan.total_steps:
                 break
+
+    if announcer is not None:
+        announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # ASYNC uploads still running
 
     # --- the consolidated Hugging Face model, written by rank 0 (the gather is collective).
     full = strategy.full_state_dict()
