@@ -125,3 +125,12 @@ def test_trainer_env_carries_the_job_but_no_credentials():
     assert submitted["spec"]["s3"]["secretRef"] == "s3-credentials"
     assert FineTuneJob.from_document(submitted).spec == job.spec
     assert not any(k.startswith("AWS_") for k in env)
+
+
+def test_operator_registers_no_change_handlers():
+    """main.NoDiffBase skips kopf's diff-base, which only create/update/delete/resume
+    handlers read: adding one of those must bring the diff-base back first."""
+    from finetune_operator.main import NoDiffBase, build_registry
+    registry = build_registry()
+    assert list(registry._changing._handlers) == []
+    assert NoDiffBase().build(body={"spec": {}}) is None
