@@ -290,6 +290,11 @@ def configure_logging(settings: Settings) -> None:
                    else kopf.LogFormat.FULL)
     # aiohttp's access log and Ray-less noise stay out of the operator's log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not settings.verbose:
+        # kopf logs "Handler ... succeeded." for every watch event of every job (8 of the 13
+        # lines per job up to Running); the operator's own log says what happened to a job.
+        # kopf's warnings and errors stay.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
 def run(settings: Settings) -> None:

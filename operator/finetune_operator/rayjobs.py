@@ -3,8 +3,8 @@
 Endpoints (Ray's `dashboard/modules/job/job_head.py`): POST /api/jobs/ submits,
 GET /api/jobs/{id} describes, GET /api/jobs/{id}/logs returns the whole log,
 POST /api/jobs/{id}/stop stops. A second submit with an existing submission id is refused
-by Ray, so `ensure_submitted` looks the id up first: a restarted operator never submits a
-job twice.
+by Ray ("already exists"): the submission id is the operator's guard against submitting a
+job twice (the reconciler submits only after a lookup in the same pass found no such job).
 """
 
 from __future__ import annotations
@@ -107,16 +107,6 @@ class RayJobsClient:
         }
         data = await self._request("POST", "/api/jobs/", body=body)
         return (data or {}).get("submission_id") or submission_id
-
-    async def ensure_submitted(self, submission_id: str, env_vars: dict[str, str],
-                               metadata: dict[str, str] | None = None,
-                               entrypoint: str = ENTRYPOINT) -> tuple[RayJobInfo | None, bool]:
-        """Submit unless a job with this id exists; returns (existing info, submitted now)."""
-        existing = await self.get(submission_id)
-        if existing is not None:
-            return existing, False
-        await self.submit(submission_id, env_vars, metadata, entrypoint)
-        return None, True
 
     async def logs(self, submission_id: str) -> str:
         data = await self._request("GET", f"/api/jobs/{submission_id}/logs", allow_404=True)

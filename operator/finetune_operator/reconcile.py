@@ -472,17 +472,17 @@ class Reconciler:
     async def submit(self, client: RayJobsClient, job: FineTuneJob, sub_id: str) -> None:
         metadata = {"finetune.dev/job": job.name, "finetune.dev/namespace": job.namespace or "",
                     "finetune.dev/uid": job.uid or ""}
+        # Submit is decided only on a pass whose lookup of this id found no job, so no second
+        # lookup here; Ray refuses an id it has, the guard against a double submission.
         try:
-            _, submitted = await client.ensure_submitted(sub_id, self.trainer_env(job),
-                                                         metadata)
+            await client.submit(sub_id, self.trainer_env(job), metadata)
         except RayJobsError as e:
             # Lost a race with ourselves (the lookup said no job, then a submit landed):
             # the job exists, which is all the caller wants.
             if "already exists" in str(e):
                 return
             raise
-        if submitted:
-            logger.info("Submitted Ray job %s for %s/%s", sub_id, job.namespace, job.name)
+        logger.info("Submitted Ray job %s for %s/%s", sub_id, job.namespace, job.name)
 
     async def s3_credentials(self, job: FineTuneJob) -> S3Credentials | None:
         name = job.spec.s3.secret_ref

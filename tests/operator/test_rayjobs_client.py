@@ -85,17 +85,16 @@ def run_with_fake(scenario):
     return asyncio.run(main())
 
 
-def test_submit_is_looked_up_first_and_never_repeated():
+def test_a_submission_id_is_submitted_once():
     async def scenario(session, base, jobs, calls):
         client = RayJobsClient(session, base, TOKEN)
         env = {"FINETUNE_JOB": json.dumps({"spec": {}})}
-        info, submitted = await client.ensure_submitted("job-abc-a1", env)
-        assert info is None and submitted
-        info, submitted = await client.ensure_submitted("job-abc-a1", env)
-        assert not submitted and info.status == "PENDING"
+        assert await client.submit("job-abc-a1", env) == "job-abc-a1"
+        with pytest.raises(RayJobsError, match="already exists"):
+            await client.submit("job-abc-a1", env)
+        assert (await client.get("job-abc-a1")).status == "PENDING"
         assert jobs["job-abc-a1"]["entrypoint"] == "finetune-train"
         assert jobs["job-abc-a1"]["runtime_env"] == {"env_vars": env}
-        assert [c for c in calls if c[0] == "POST"] == [("POST", "/api/jobs/")]
     run_with_fake(scenario)
 
 
