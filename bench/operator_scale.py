@@ -472,7 +472,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--track-at", type=int, default=1000,
                    help="the size at which to sample the tracking cost (default %(default)s)")
     p.add_argument("--track-seconds", type=float, default=30.0)
-    p.add_argument("--settle", type=float, default=5.0,
+    # Past the operator's tracking interval (30 s): each Running job's first look at its
+    # log writes status.progress once; the sample is of the steady state after that.
+    p.add_argument("--settle", type=float, default=35.0,
                    help="seconds after the last job is Running before tracking is sampled")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="per run; 0 = 60 s + 150 ms per job, at most 240 s")
