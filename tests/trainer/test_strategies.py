@@ -25,8 +25,8 @@ VARIANTS = {
         "strategy": {"type": "fsdp", "fsdp": {"shardingStrategy": "SHARD_GRAD_OP"}},
         "training": {"precision": "fp32", "gradientAccumulationSteps": 2, "activationCheckpointing": True},
     },
-    # ...and with the opt-in ASYNC checkpoint upload (see launcher.UPLOAD_MODE_ENV).
-    "fsdp-no-shard-bf16-async": {
+    # ...and with the SYNC checkpoint upload (ASYNC is the default; see launcher.UPLOAD_MODE_ENV).
+    "fsdp-no-shard-bf16-sync": {
         "strategy": {"type": "fsdp", "fsdp": {"shardingStrategy": "NO_SHARD"}},
         "training": {"precision": "bf16"},
     },
@@ -59,14 +59,14 @@ def test_strategy_variant(name, make_job, run_trainer, tiny_assets, s3_server, t
         spec.update(model={"uri": f"file://{tiny_assets.model_dir}"},
                     dataset={"uri": f"file://{parquet}", "textField": "content", "maxSeqLength": 32},
                     checkpoint={"uri": f"file://{tmp_path}/ckpt", "everySteps": 2})
-    env = {"FINETUNE_CHECKPOINT_UPLOAD_MODE": "ASYNC"} if name.endswith("-async") else None
+    env = {"FINETUNE_CHECKPOINT_UPLOAD_MODE": "SYNC"} if name.endswith("-sync") else None
     run = run_trainer(make_job(name, spec), env=env)
     assert run.rc == 0, run.explain()
     losses = run.losses()
     assert max(losses) == 3 and all(math.isfinite(v) for v in losses.values()), losses
     assert [e["step"] for e in run.of("checkpoint")] == [2, 3]
     if env:
-        assert "(ASYNC upload)" in run.stdout
+        assert "(SYNC upload)" in run.stdout
     (completed,) = run.of("completed")
     final = completed["modelUri"]
     ckpt_root = completed["modelUri"].rsplit("/final", 1)[0]

@@ -118,6 +118,11 @@ def train_func(config: dict) -> None:
 
     def save_checkpoint(loss: float) -> None:
         began = time.monotonic()
+        if announcer is not None and announcer.pending and not sync_upload:
+            # ASYNC: at most one checkpoint upload in flight. Ray Train queues uploads behind
+            # one thread per worker; without this, checkpoints due faster than they upload
+            # would pile up on local disk, each announced later than the one before.
+            announcer.flush(FINAL_UPLOADS_TIMEOUT_S)
         state.rng = checkpointing.capture_rng()
         state.loss = loss
         dir_name = f"checkpoint_step{state.step:08d}_{attempt}"
@@ -134,7 +139,8 @@ def train_func(config: dict) -> None:
             else:
                 announcer.poll()  # ASYNC: announced at a later step boundary (poll below)
             # How long training stood still for this checkpoint (save + upload + registration
-            # with SYNC, the local save only with ASYNC).
+            # with SYNC; with ASYNC the local save, plus the wait for the previous upload when
+            # it is still running).
             say(f"finetune-train: checkpoint at step {state.step} stalled training for "
                 f"{time.monotonic() - began:.2f}s ({upload_mode.name} upload)")
 
