@@ -197,9 +197,15 @@ def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, 
     wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE) is None, 30,
                what="the RayCluster to be deleted (cleanupPolicy DeleteCluster)")
     assert len(ray_jobs(ray_head, name)) == 1
-    reasons = [e["reason"] for e in events_of(kube, name)]
-    for reason in ("ClusterCreating", "JobSubmitted", "JobRunning", "Succeeded"):
+    events = events_of(kube, name)
+    reasons = [e["reason"] for e in events]
+    for reason in ("ClusterCreating", "JobRunning", "Succeeded"):
         assert reason in reasons, reasons
+    # JobSubmitted too, unless Ray said RUNNING already when asked right after the submit
+    # (then JobRunning says it); both name the Ray job.
+    for e in events:
+        if e["reason"] in ("JobSubmitted", "JobRunning"):
+            assert st["rayJobId"] in e["message"], e
     # What the operator did through the API stays within the RBAC rules its chart grants.
     used = kube.recorder.verbs_by_resource("operator")
     beyond = {res: verbs - OPERATOR_RBAC.get(res, set()) for res, verbs in used.items()}
