@@ -31,14 +31,14 @@ PASSED_ENV = ("TORCH_EXTENSIONS_DIR", "FINETUNE_CACHE_DIR", "FINETUNE_FAULT_AFTE
 # later step boundary (at the latest before the next checkpoint, the fault hook or the end).
 #
 # ASYNC is the default, measured (bench/checkpoint_io, ~400 MB ZeRO-3 checkpoint, 2 CPU
-# workers, moto S3, 2 cores): SYNC stalls the loop 4.9-6.3 s per checkpoint (local save, both
-# ranks' boto3 uploads, and up to the controller's 2 s poll before it registers the checkpoint),
-# ASYNC 0.2-0.7 s; counting the steps slowed while the upload runs beside them, ASYNC still loses
-# 3.6 s of training per checkpoint against SYNC's 5.8 s. On GPU nodes the upload competes for
-# idle CPUs instead of the training's, so the gap only widens. What ASYNC costs: the `checkpoint`
-# event (status.latestCheckpoint) comes later (9 s after the step here, SYNC 5-6 s), and a crash
-# during an upload loses that checkpoint, which was never announced: a retry resumes from the
-# one before, as announced.
+# workers, moto S3, 2 cores, two runs): SYNC stalls the loop 4.9-6.3 s per checkpoint (local
+# save, both ranks' boto3 uploads, and up to the controller's 2 s poll before it registers the
+# checkpoint), ASYNC 0.2-0.8 s; counting the steps slowed while the upload runs beside them,
+# ASYNC still loses 3.6 s of training per checkpoint against SYNC's 5.3-5.8 s. On GPU nodes the
+# upload competes for idle CPUs instead of the training's, so the gap only widens. What ASYNC
+# costs: the `checkpoint` event (status.latestCheckpoint) comes later (3-9 s after the step here,
+# SYNC 5-6 s), and a crash during an upload loses that checkpoint, which was never announced:
+# a retry resumes from the one before, as announced.
 UPLOAD_MODE_ENV = "FINETUNE_CHECKPOINT_UPLOAD_MODE"
 DEFAULT_UPLOAD_MODE = "ASYNC"
 
