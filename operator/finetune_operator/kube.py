@@ -151,11 +151,6 @@ class KubeClient:
         return await self._request("PATCH", self._ftj(namespace, name) + "/status",
                                    body={"status": status}, content_type=MERGE_PATCH)
 
-    async def patch_job_metadata(self, namespace: str, name: str,
-                                 metadata: dict[str, Any]) -> dict[str, Any]:
-        return await self._request("PATCH", self._ftj(namespace, name),
-                                   body={"metadata": metadata}, content_type=MERGE_PATCH)
-
     async def delete_job(self, namespace: str, name: str) -> bool:
         return await self._delete(self._ftj(namespace, name))
 

@@ -142,9 +142,6 @@ class Reconciler:
         self.memory.pop(key, None)
         self.metrics.observe_phase(key, None)
 
-    def wake(self, key: str) -> None:
-        self.mem(key).wake.set()
-
     # --- the accepted spec -------------------------------------------------------------
 
     def accepted_spec(self, spec: dict[str, Any], status: dict[str, Any]
@@ -360,7 +357,7 @@ class Reconciler:
                 # It must be stored before anything is submitted: a pass that submits on a
                 # cluster that was already ready (rare: a resumed or retried job) writes it
                 # first. Usually it rides on the first status write, a pass before Submit.
-                await self._write(meta, status, {"acceptedSpec": accepted}, mem)
+                await self._write(meta, {"acceptedSpec": accepted}, mem)
             else:
                 patch["acceptedSpec"] = accepted
         await self.execute(body, job, decision, world, client, mem, patch)
@@ -540,11 +537,10 @@ class Reconciler:
         patch["rayCluster"] = raycluster.cluster_name(job) if exists else None
         await self._patch(body, status, generation, decision, patch, phases.iso(now), mem)
 
-    async def _write(self, meta: dict[str, Any], status: dict[str, Any],
-                     changes: dict[str, Any], mem: JobMemory) -> None:
+    async def _write(self, meta: dict[str, Any], changes: dict[str, Any],
+                     mem: JobMemory) -> None:
         """PATCH the status; what the API server returns is the next pass's status."""
         written = await self.kube.patch_job_status(meta["namespace"], meta["name"], changes)
-        status.update(changes)
         if isinstance(written, dict) and isinstance(written.get("status"), dict):
             mem.written_status = written["status"]
             mem.written_version = (written.get("metadata") or {}).get("resourceVersion")
@@ -564,11 +560,10 @@ class Reconciler:
         changes = {k: v for k, v in patch.items() if status.get(k) != v
                    and not (v is None and k not in status)}
         if changes:
-            before = status.get("phase")
-            await self._write(meta, status, changes, mem)
+            await self._write(meta, changes, mem)
             if "phase" in changes:
                 logger.info("FineTuneJob %s/%s: %s -> %s (%s)", meta["namespace"],
-                            meta["name"], before or "-", decision.phase,
+                            meta["name"], status.get("phase") or "-", decision.phase,
                             decision.message)
         for event in decision.events:
             try:
