@@ -113,17 +113,30 @@ def _wait_until_jobs_can_run(head: RayHead, deadline: float) -> None:
 
 def _own_pids(temp_dir: Path) -> list[int]:
     """The head's processes: those whose command line names its private temp dir (directly or
-    through the session dir under it). `ray stop` would also kill other users' Ray on this host."""
-    pids = []
+    through the session dir under it), that hold a file open under it, or that descend from one
+    of those. Ray's agents rename themselves (`ray::DashboardAgent`), so the command line alone
+    misses them, and an agent left behind spins a core. `ray stop` would also kill other users'
+    Ray on this host."""
+    marker = str(temp_dir)
+    own: set[int] = set()
+    parents: dict[int, int] = {}
     for entry in Path('/proc').iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
-            except OSError:
-                continue
-            if str(temp_dir) in cmdline:
-                pids.append(int(entry.name))
-    return pids
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            cmdline = (entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+            parents[pid] = int((entry / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+            if marker in cmdline or any(marker in os.readlink(fd) for fd in (entry / 'fd').iterdir()):
+                own.add(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in own} - own
+        own |= children
+        grew = bool(children)
+    return sorted(own)
 
 
 def stop_ray_head(head: RayHead, grace: float = 10) -> None:
