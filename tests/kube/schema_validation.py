@@ -286,6 +286,10 @@ class CrdSchemaValidator:
         self._compile_rules(self._body_schema)
         self._has_transition_rules = any(rule.transition for rules in self._rules.values() for rule in rules)
         self._verdicts: dict[str, list[Cause]] = {}  # insertion-ordered: the oldest goes first
+        # Top-level fields that ratchet (see admit): the object-valued ones, as spec and status.
+        self._ratcheted = frozenset(key for key, sub in self._body_schema.get('properties', {}).items()
+                                    if sub.get('type') == 'object')
+        self._ratchet_validators: dict[frozenset[str], jsonschema.Draft4Validator] = {}
         self._verdicts_lock = threading.Lock()
 
     @classmethod
@@ -334,17 +338,25 @@ class CrdSchemaValidator:
             warnings += [f'unknown field "{path}"' for path in unknown]
         self._walker.drop_unknown(body, self._body_schema)
 
+        # Validation ratcheting (Kubernetes 1.30+, on by default): on an update, errors in a field
+        # equal to its stored value are not reported. Done per top-level field (spec, status): a
+        # status write does not validate the unchanged spec again, nor run its non-transition
+        # rules; a stored spec that today's schema refuses does not block status writes.
+        unchanged = frozenset(key for key, value in body.items()
+                              if old is not None and key in self._ratcheted and old.get(key) == value)
         old_body = {k: v for k, v in old.items() if k != 'metadata'} if old and self._has_transition_rules else None
         # Validation is a pure function of the body (and, with transition rules, the old body):
         # benchmarks write thousands of near-identical objects, so verdicts are memoized.
-        cache_key = json.dumps([body, old_body], sort_keys=True)
+        checked = {key: value for key, value in body.items() if key not in unchanged}
+        cache_key = json.dumps([checked, old_body, sorted(unchanged)], sort_keys=True)
         with self._verdicts_lock:
             causes = self._verdicts.get(cache_key)
         if causes is None:
+            validator = self._validator_skipping(unchanged)
             causes = [_schema_error_cause(error)
-                      for error in sorted(self._validator.iter_errors(body), key=lambda e: list(e.absolute_path))]
+                      for error in sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))]
             if not causes:
-                causes = self._evaluate_rules(body, old_body)
+                causes = self._evaluate_rules(body, old_body, unchanged)
             with self._verdicts_lock:  # validators are shared by emulators on several threads
                 if len(self._verdicts) >= 4096:
                     self._verdicts.pop(next(iter(self._verdicts)))
@@ -356,11 +368,27 @@ class CrdSchemaValidator:
                   'kind': body.pop('kind', self.kind), 'metadata': body.pop('metadata'), **body}
         return stored, warnings
 
-    def _evaluate_rules(self, body: dict[str, Any], old_body: dict[str, Any] | None) -> list[Cause]:
+    def _validator_skipping(self, keys: frozenset[str]) -> jsonschema.Draft4Validator:
+        """The schema validator with the top-level properties `keys` accepting anything."""
+        if not keys:
+            return self._validator
+        with self._verdicts_lock:
+            validator = self._ratchet_validators.get(keys)
+            if validator is None:
+                schema = dict(self._validator.schema)
+                schema['properties'] = {**schema.get('properties', {}), **{key: {} for key in keys}}
+                validator = self._ratchet_validators[keys] = jsonschema.Draft4Validator(schema)
+        return validator
+
+    def _evaluate_rules(self, body: dict[str, Any], old_body: dict[str, Any] | None,
+                        unchanged: frozenset[str] = frozenset()) -> list[Cause]:
         causes: list[Cause] = []
         for value, schema, keys in self._walker.cel_nodes(body, self._body_schema):
             path = format_path(keys)
+            ratcheted = bool(keys) and keys[0] in unchanged
             for rule in self._rules.get(id(schema), []):
+                if ratcheted and not rule.transition:
+                    continue  # an unchanged value; rules that compare with oldSelf still run
                 context: dict[str, Any] = {'self': value}
                 if rule.transition:
                     old_value = _lookup(old_body, path)

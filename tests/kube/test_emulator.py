@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from .client import ApiStatusError, KubeClient, resource_path
-from .emulator import KUBERAY_CRD, REPO_ROOT, EmulatorThread, make_emulator
+from .emulator import KUBERAY_CRD, PROJECT_CRD, REPO_ROOT, EmulatorThread, make_emulator
+from .schema_validation import AdmissionError, CrdSchemaValidator
 from .kuberay_standin import HeadAddress, KubeRayStandIn
 
 FTJ = 'finetune.dev/v1alpha1'
@@ -202,6 +203,27 @@ def test_updates_are_validated_too(kube):
     with pytest.raises(ApiStatusError) as error:
         kube.patch(FTJ, 'finetunejobs', 'job-1', {'status': {'phase': 'Dancing'}}, 'default', subresource='status')
     assert error.value.body['details']['causes'][0]['reason'] == 'FieldValueNotSupported'
+
+
+def test_validation_ratchets_over_an_unchanged_top_level_field():
+    # As the API server's validation ratcheting: a stored spec that the schema (or a CEL rule)
+    # refuses today does not block status writes; changing the spec validates all of it again.
+    validator = CrdSchemaValidator.from_file(PROJECT_CRD)
+    stored, _ = validator.admit(job())
+    stored['spec']['resources']['workers'] = 0  # as if stored under an older, looser schema
+    stored['spec']['training'].update(warmupSteps=10, maxSteps=5)  # and a CEL rule's violation
+    with pytest.raises(AdmissionError):
+        validator.admit(copy.deepcopy(stored))
+    status_write = {**copy.deepcopy(stored), 'status': {'phase': 'Running'}}
+    assert validator.admit(status_write, old=stored)[0]['status'] == {'phase': 'Running'}
+    with pytest.raises(AdmissionError) as error:
+        validator.admit({**copy.deepcopy(stored), 'status': {'phase': 'Dancing'}}, old=stored)
+    assert [cause.field for cause in error.value.causes] == ['status.phase']
+    spec_write = copy.deepcopy(status_write)
+    spec_write['spec']['model']['uri'] = 'hf://org/other'
+    with pytest.raises(AdmissionError) as error:
+        validator.admit(spec_write, old=stored)
+    assert [cause.field for cause in error.value.causes] == ['spec.resources.workers']
 
 
 @needs_kuberay_crd
