@@ -142,9 +142,6 @@ class KubeClient:
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(self._core(namespace, "secrets", name))
 
-    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._request("POST", self._core(namespace, "secrets"), body=body)
-
     # FineTuneJobs.
     async def patch_job_status(self, namespace: str, name: str,
                                status: dict[str, Any]) -> dict[str, Any]:

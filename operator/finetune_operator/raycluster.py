@@ -1,4 +1,4 @@
-"""Pure builders: a FineTuneJob in, the KubeRay RayCluster and its auth Secret out.
+"""Pure builders: a FineTuneJob in, the KubeRay RayCluster out.
 
 Nothing here talks to the API; `reconcile.py` adopts (owner reference) and creates what
 these return, `render.py` prints it. The RayCluster follows KubeRay's `ray.io/v1` CRD:
@@ -8,7 +8,6 @@ group that trains.
 
 from __future__ import annotations
 
-import base64
 import copy
 from typing import Any
 
@@ -26,7 +25,7 @@ WORKER_CONTAINER = "ray-worker"
 DASHBOARD_PORT = 8265
 GCS_PORT = 6379
 CLIENT_PORT = 10001
-# KubeRay's token auth reads the token from this key of authOptions.secretName.
+# KubeRay's token auth keeps the token under this key of the Secret it generates.
 AUTH_TOKEN_KEY = "auth_token"
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -40,7 +39,9 @@ def cluster_name(job: FineTuneJob) -> str:
 
 
 def auth_secret_name(job: FineTuneJob) -> str:
-    return f"{job.name}-ray-auth"
+    """The Secret KubeRay generates for `authOptions: {mode: token}`: named after the
+    RayCluster and owned by it (KubeRay >= 1.5.1)."""
+    return cluster_name(job)
 
 
 def job_labels(job: FineTuneJob) -> dict[str, str]:
@@ -114,8 +115,7 @@ def _container(name: str, image: str, env: list[dict[str, Any]],
     return container
 
 
-def build_raycluster(job: FineTuneJob, settings: Settings,
-                     auth_secret: str | None = None) -> dict[str, Any]:
+def build_raycluster(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     """The RayCluster that runs `job`: namespace and owner reference are added by the caller."""
     res = job.spec.resources
     image = image_for(job, settings)
@@ -176,25 +176,14 @@ def build_raycluster(job: FineTuneJob, settings: Settings,
             "template": {"metadata": {"labels": dict(labels)}, "spec": worker_spec},
         }],
     }
-    if auth_secret:
-        spec["authOptions"] = {"mode": "token", "secretName": auth_secret}
+    # Ray token auth on every cluster: KubeRay generates the token into a Secret of its own
+    # (auth_secret_name), starts Ray with it, and the operator reads it to call the dashboard.
+    spec["authOptions"] = {"mode": "token"}
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": RAY_KIND,
         "metadata": {"name": cluster_name(job), "labels": labels},
         "spec": spec,
-    }
-
-
-def build_auth_secret(job: FineTuneJob, token: str | None) -> dict[str, Any]:
-    """The Secret holding the Ray auth token; `token=None` renders it without a value."""
-    data = {AUTH_TOKEN_KEY: base64.b64encode(token.encode()).decode() if token else ""}
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {"name": auth_secret_name(job), "labels": job_labels(job)},
-        "data": data,
     }
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -212,6 +211,8 @@ class Reconciler:
         return f"http://{host}:{port}"
 
     async def ray_token(self, job: FineTuneJob, mem: JobMemory) -> str | None:
+        # KubeRay's Secret of this cluster; a new cluster (recreated, retried) has a new
+        # token, and a refused token is dropped (see _reconcile) and read again.
         if mem.token is None:
             secret = await self.kube.get_secret(job.namespace, raycluster.auth_secret_name(job))
             mem.token = secret_value(secret, raycluster.AUTH_TOKEN_KEY) if secret else None
@@ -439,22 +440,11 @@ class Reconciler:
     async def create_cluster(self, body: dict[str, Any], job: FineTuneJob,
                              mem: JobMemory) -> None:
         ns = job.namespace
-        secret_name = raycluster.auth_secret_name(job)
-        # Generated once per job and owned by it; KubeRay starts Ray with it and the operator
-        # sends it as a bearer token to the dashboard. Created without looking first: a 409
-        # says it exists (an earlier attempt), and its token is read back when needed.
-        token = secrets.token_hex(32)
-        secret = raycluster.build_auth_secret(job, token)
-        kopf.adopt(secret, owner=body)
-        try:
-            await self.kube.create_secret(ns, secret)
-            mem.token = token
-        except Conflict:
-            mem.token = None
-        cluster = raycluster.build_raycluster(job, self.settings, auth_secret=secret_name)
+        cluster = raycluster.build_raycluster(job, self.settings)
         kopf.adopt(cluster, owner=body)
         try:
             await self.kube.create_raycluster(ns, cluster)
+            mem.token = None  # KubeRay generates a new token for the new cluster
             logger.info("Created RayCluster %s/%s", ns, cluster["metadata"]["name"])
         except Conflict:
             # Created by an earlier pass whose status write was lost (fine), or somebody

@@ -125,8 +125,6 @@ def test_rbac_matches_the_calls_the_operator_makes(kube, mode):  # noqa: F811
                     "secrets")
         wait_for(lambda: kube.get_or_none("ray.io/v1", "rayclusters", "rbac-probe", ns),
                  "the RayCluster")
-        wait_for(lambda: kube.get_or_none("v1", "secrets", "rbac-probe-ray-auth", ns),
-                 "the Ray auth Secret")
         kube.patch(*FTJ, "rbac-probe", {"spec": {"runPolicy": {
             "suspend": True, "ttlSecondsAfterFinished": 0}}}, ns)
         wait_for(lambda: status().get("phase") == "Suspended"

@@ -108,20 +108,6 @@ def start_operator(kube, kuberay):  # noqa: F811
 
 
 @pytest.fixture
-def head_token_secret(kube, ray_head):  # noqa: F811
-    """The job's Ray auth Secret, made by the test with the shared head's token.
-
-    The operator generates a random token per job when the Secret is absent; the one local
-    Ray head here has a fixed token, so the test supplies it the way a user could."""
-    def make(job_name: str) -> None:
-        kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                     "metadata": {"name": f"{job_name}-ray-auth", "namespace": NAMESPACE},
-                     "data": {"auth_token": base64.b64encode(ray_head.token.encode()).decode()}},
-                    "secrets")
-    return make
-
-
-@pytest.fixture
 def s3_secret(kube, s3_server):  # noqa: F811
     def make(name: str = S3_SECRET) -> None:
         kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",

@@ -87,13 +87,12 @@ def s3_keys(s3_server, uri):
 
 
 def test_missing_secret_then_run_then_delete(s3_server, tiny_assets, kube, kuberay, ray_head,
-                                             start_operator, head_token_secret, s3_secret,
+                                             start_operator, s3_secret,
                                              tiny_job):
     """(6) a missing S3 Secret is reported and nothing is created until it appears;
     (4) deleting the running job stops its Ray job, deletes its cluster, releases the
     finalizer and keeps its checkpoints."""
     name = "secretless"
-    head_token_secret(name)
     doc = tiny_job(name, training={"maxSteps": 40})
     op = start_operator()
     kube.create(doc, "finetunejobs")
@@ -135,11 +134,10 @@ def test_missing_secret_then_run_then_delete(s3_server, tiny_assets, kube, kuber
 
 def test_bad_input_fails_without_retry_and_keeps_the_log(s3_server, tiny_assets, kube, kuberay,
                                                         ray_head, start_operator,
-                                                        head_token_secret, s3_secret, tiny_job):
+                                                        s3_secret, tiny_job):
     """A job the trainer refuses (exit code 3: the model is not there) fails at once, with
     the log's tail in status and the full log next to the checkpoints."""
     name = "badinput"
-    head_token_secret(name)
     s3_secret()
     doc = tiny_job(name, model={"uri": f"s3://{s3_server.bucket}/no/such/model"})
     start_operator()
@@ -160,11 +158,10 @@ def test_bad_input_fails_without_retry_and_keeps_the_log(s3_server, tiny_assets,
 
 
 def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, start_operator,
-                               head_token_secret, s3_secret, tiny_job):
+                               s3_secret, tiny_job):
     """(1) apply -> RayCluster on the requested node pool -> real run -> Succeeded, 100 %,
     checkpoint and final model in S3, RayCluster deleted."""
     name = "happy"
-    head_token_secret(name)
     s3_secret()
     doc = tiny_job(name)
     op = start_operator(liveness_port=free_port())
@@ -178,7 +175,8 @@ def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, 
     spec = cluster["spec"]
     assert spec["workerGroupSpecs"][0]["template"]["spec"]["nodeSelector"] == \
         {"pool": "cpu-small"}
-    assert spec["authOptions"] == {"mode": "token", "secretName": f"{name}-ray-auth"}
+    # Token auth on; the token is KubeRay's (its Secret, named after the cluster).
+    assert spec["authOptions"] == {"mode": "token"}
 
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
     assert st["phase"] == "Succeeded", st
@@ -222,12 +220,11 @@ def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, 
 
 
 def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kuberay, ray_head,
-                                                start_operator, head_token_secret, s3_secret,
+                                                start_operator, s3_secret,
                                                 tiny_job):
     """(2) the first attempt crashes after its first checkpoint -> Retrying -> the second
     attempt resumes from it -> Succeeded with status.retries == 1."""
     name = "flaky"
-    head_token_secret(name)
     s3_secret()
     start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
     kube.create(tiny_job(name), "finetunejobs")
@@ -256,11 +253,10 @@ def started_event(ray_head, submission_id):
 
 def test_suspend_and_resume_continue_from_checkpoint(s3_server, tiny_assets, kube, kuberay,
                                                       ray_head, start_operator,
-                                                      head_token_secret, s3_secret, tiny_job):
+                                                      s3_secret, tiny_job):
     """(3) suspend mid-run -> Ray job stopped, cluster gone, Suspended; resume -> a new
     attempt continues from the checkpoint and succeeds."""
     name = "pausable"
-    head_token_secret(name)
     s3_secret()
     start_operator()
     kube.create(tiny_job(name, training={"maxSteps": 12}), "finetunejobs")
@@ -302,11 +298,10 @@ def test_suspend_and_resume_continue_from_checkpoint(s3_server, tiny_assets, kub
 
 def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kube, kuberay,
                                                      ray_head, start_operator,
-                                                     head_token_secret, s3_secret, tiny_job):
+                                                     s3_secret, tiny_job):
     """(5) the operator is stopped mid-run and a new one takes over: no second RayCluster,
     no second submission, and the job still succeeds."""
     name = "phoenix"
-    head_token_secret(name)
     s3_secret()
     first_op = start_operator()
     kube.create(tiny_job(name), "finetunejobs")
@@ -327,12 +322,11 @@ def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kub
 
 def test_broken_cluster_is_recreated_and_the_run_resumes(s3_server, tiny_assets, kube, kuberay,
                                                          ray_head, start_operator,
-                                                         head_token_secret, s3_secret,
+                                                         s3_secret,
                                                          tiny_job):
     """A RayCluster that goes `failed` mid-run (head lost) is deleted and created again; the
     attempt on it counts as a retry and the next one resumes from the checkpoint."""
     name = "fragile"
-    head_token_secret(name)
     s3_secret()
     start_operator()
     kube.create(tiny_job(name, training={"maxSteps": 8}), "finetunejobs")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from finetune_operator.raycluster import (AUTH_TOKEN_KEY, build_auth_secret, build_raycluster,
-                                          cluster_name)
+from finetune_operator.raycluster import auth_secret_name, build_raycluster, cluster_name
 from finetune_operator.render import render_job
 from finetune_operator.settings import Settings
 
@@ -31,7 +29,7 @@ def container(pod_spec):
 
 
 def test_worker_group_has_fixed_size_and_gpu_limits():
-    cluster = build_raycluster(job(), SETTINGS, auth_secret="llama-ray-auth")
+    cluster = build_raycluster(job(), SETTINGS)
     group = workers(cluster)
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
     c = container(group["template"]["spec"])
@@ -142,11 +140,11 @@ def test_labels_tie_the_cluster_to_the_job_and_pass_the_queue_through():
     assert cluster["metadata"]["name"] == cluster_name(job()) == "llama"
 
 
-def test_token_auth_references_the_operator_owned_secret():
-    cluster = build_raycluster(job(), SETTINGS, auth_secret="llama-ray-auth")
-    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "llama-ray-auth"}
-    secret = build_auth_secret(job(), "t0k3n")
-    assert base64.b64decode(secret["data"][AUTH_TOKEN_KEY]) == b"t0k3n"
+def test_token_auth_is_on_and_kuberay_makes_the_token():
+    # No secretName: KubeRay generates the token into a Secret named after the cluster.
+    cluster = build_raycluster(job(), SETTINGS)
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    assert auth_secret_name(job()) == cluster["metadata"]["name"]
 
 
 def test_image_override_wins_over_the_default():
@@ -155,12 +153,10 @@ def test_image_override_wins_over_the_default():
     assert container(cluster["spec"]["headGroupSpec"]["template"]["spec"])["image"] == "mine:2"
 
 
-def test_render_returns_cluster_and_secret_without_the_token():
+def test_render_returns_the_cluster_owned_by_the_job():
     objs = render_job(job(), SETTINGS)
-    assert [o["kind"] for o in objs] == ["RayCluster", "Secret"]
-    secret = objs[1]
-    assert secret["data"] == {}
-    assert all(o["metadata"]["namespace"] == "team-a" for o in objs)
+    assert [o["kind"] for o in objs] == ["RayCluster"]
+    assert objs[0]["metadata"]["namespace"] == "team-a"
     assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == job().uid
 
 
@@ -204,7 +200,7 @@ def _structural(schema):
 def test_cluster_validates_against_kuberay_crd(kuberay_schema, changes):
     import jsonschema
 
-    cluster = build_raycluster(job(**changes), SETTINGS, auth_secret="llama-ray-auth")
+    cluster = build_raycluster(job(**changes), SETTINGS)
     cluster["metadata"]["namespace"] = "team-a"
     schema = _structural(kuberay_schema)
     schema["properties"]["metadata"] = {"type": "object"}

@@ -65,13 +65,13 @@ def test_second_pass_on_a_stale_copy_repeats_no_transition(kube, caplog):
     asyncio.run(two_passes(kube, stale, forget_between=False))
 
     done = writes(kube)
-    # The first pass: Secret, RayCluster, a status write with the accepted spec, the
+    # The first pass: the RayCluster (no Secret: KubeRay makes the token), a status write with the accepted spec, the
     # ClusterCreating Event. The second saw its own write: the cluster exists now (the
     # message moves on, one more status write) but no phase transition and no Event again.
     assert transitions(caplog) == ["FineTuneJob default/own-writes: - -> Provisioning "
                                    "(Creating the RayCluster)"]
     assert done[("create", "events")] == 1, done
-    assert done[("create", "rayclusters")] == 1 and done[("create", "secrets")] == 1, done
+    assert done[("create", "rayclusters")] == 1 and done[("create", "secrets")] == 0, done
     assert done[("patch", "finetunejobs")] == 0, done  # no annotation: it is in the status
     status = kube.get(*FTJ, "own-writes",
                       NAMESPACE)["status"]

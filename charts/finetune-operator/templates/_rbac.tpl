@@ -18,7 +18,7 @@ rules with the API calls recorded while the operator runs.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# The RayCluster and the Ray auth Secret are adopted (kopf.adopt: an owner reference with
+# The RayCluster is adopted (kopf.adopt: an owner reference with
 # blockOwnerDeletion: true). Clusters that enforce OwnerReferencesPermissionEnforcement (e.g.
 # OpenShift) allow that only to whom may update the owner's finalizers. An admission check,
 # not an API call: the recorded-calls comparison allow-lists it.
@@ -32,11 +32,11 @@ rules with the API calls recorded while the operator runs.
   resources: ["rayclusters"]
   verbs: ["get", "list", "watch", "create", "delete"]
 # get: the job's S3 credentials Secret (spec.s3.secretRef) must exist with its keys before a
-# cluster starts, and the Ray auth-token Secret is read back on restarts; create: the
-# per-job Ray auth-token Secret. No list/watch: the operator never enumerates Secrets.
+# cluster starts, and the Ray auth token is read from the Secret KubeRay generates for each
+# RayCluster. No create: the operator makes no Secrets. No list/watch: it never enumerates them.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create"]
+  verbs: ["get"]
 # Events on the FineTuneJob: the operator's phase changes (kube.py post_event) and kopf's
 # handler errors (posting level ERROR).
 - apiGroups: [""]
