@@ -117,6 +117,8 @@ def build_registry() -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        if getattr(memo, "reconciler", None):
+            await memo.reconciler.events.close(timeout=5.0)
         if getattr(memo, "metrics_server", None):
             server, thread = memo.metrics_server
             server.shutdown()

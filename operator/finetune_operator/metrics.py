@@ -22,6 +22,9 @@ class Metrics:
         self.transitions = Counter(
             "finetune_phase_transitions", "Phase transitions of FineTuneJobs.",
             ["phase"], registry=self.registry)
+        self.events_dropped = Counter(
+            "finetune_events_dropped", "Events not posted (the API refused, or the queue "
+            "was full).", registry=self.registry)
         self.time_to_running = Histogram(
             "finetune_create_to_running_seconds",
             "Seconds from a FineTuneJob's creation to its first Running phase.",

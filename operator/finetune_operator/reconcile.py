@@ -26,6 +26,7 @@ from finetune_api.model import FineTuneJob
 from finetune_api.validation import ValidationError
 
 from . import phases, raycluster, tracking
+from .events import EventRecorder
 from .kube import Conflict, KubeClient, KubeError, secret_value
 from .logstore import LogStoreError, S3Credentials, save_log
 from .metrics import Metrics
@@ -132,6 +133,7 @@ class Reconciler:
         # A session without Kubernetes credentials, for the Ray dashboards and S3.
         self.http = http
         self.metrics = metrics or Metrics()
+        self.events = EventRecorder(kube, self.metrics)
         self.memory: dict[str, JobMemory] = {}
 
     def mem(self, key: str) -> JobMemory:
@@ -556,8 +558,5 @@ class Reconciler:
                             meta["name"], status.get("phase") or "-", decision.phase,
                             decision.message)
         for event in decision.events:
-            try:
-                await self.kube.post_event(body, type=event.type, reason=event.reason,
-                                           message=event.message)
-            except (KubeError, aiohttp.ClientError) as e:
-                logger.warning("Could not post event %s: %s", event.reason, e)
+            self.events.record(body, type=event.type, reason=event.reason,
+                               message=event.message)

@@ -52,6 +52,7 @@ async def two_passes(kube, stale: dict, *, forget_between: bool) -> Reconciler:
         if forget_between:
             reconciler.forget(f"{NAMESPACE}/{stale['metadata']['name']}")
         await reconciler.reconcile(copy.deepcopy(stale))
+        await reconciler.events.close(timeout=10)
         return reconciler
 
 
