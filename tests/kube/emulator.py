@@ -576,15 +576,25 @@ class KubeEmulator(kmock.KubernetesScaffold):
                     next_bookmark = now + self.bookmark_interval
                 wait = min([1.0, *(t - now for t in (deadline, next_bookmark if bookmarks else None) if t is not None)])
                 try:
-                    event = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.01))
-                except asyncio.TimeoutError:
-                    # aiohttp does not cancel handlers of gone clients: notice them here.
-                    if raw.transport is None or raw.transport.is_closing():
-                        break
-                    continue
-                if event is None:
+                    first = watcher.queue.get_nowait()  # no timer per event under load
+                except asyncio.QueueEmpty:
+                    try:
+                        first = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.01))
+                    except asyncio.TimeoutError:
+                        # aiohttp does not cancel handlers of gone clients: notice them here.
+                        if raw.transport is None or raw.transport.is_closing():
+                            break
+                        continue
+                # What is queued goes out in one write (one send for a burst of events, not
+                # one each: under load the sends were a third of the emulator's time).
+                batch = [first]
+                while batch[-1] is not None and not watcher.queue.empty():
+                    batch.append(watcher.queue.get_nowait())
+                lines = [json.dumps(event).encode() + b'\n' for event in batch if event is not None]
+                if lines:
+                    await response.write(b''.join(lines))
+                if batch[-1] is None:
                     break
-                await response.write(json.dumps(event).encode() + b'\n')
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
         except (ConnectionError, asyncio.CancelledError):
