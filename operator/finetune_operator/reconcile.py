@@ -27,6 +27,7 @@ from finetune_api.validation import ValidationError
 
 from . import phases, raycluster, tracking
 from .events import EventRecorder
+from .intake import IntakeGate
 from .kube import Conflict, KubeClient, KubeError, secret_value
 from .logstore import LogStoreError, S3Credentials, save_log
 from .metrics import Metrics
@@ -135,6 +136,7 @@ class Reconciler:
         self.metrics = metrics or Metrics()
         self.events = EventRecorder(kube, self.metrics)
         self.memory: dict[str, JobMemory] = {}
+        self.intake = IntakeGate()
 
     def mem(self, key: str) -> JobMemory:
         return self.memory.setdefault(key, JobMemory())
