@@ -9,13 +9,16 @@ Processes (each its own, so no one's CPU or GIL hides inside another's figures):
   one RayCluster, one status.phase patch) or ours (`finetune operator`, default settings);
 - this driver: creates the jobs and timestamps what a watcher sees.
 
-Per size N, on one emulator: the floor runs first in namespace floor-N, then ours in ours-N (the
-floor's namespace is deleted in between, and only one operator runs at a time). Figures:
+Per size N, on one emulator, --rounds rounds (default 3); in each, the floor runs first in namespace
+floor-N-rR, then ours in ours-N-rR (each namespace is deleted after its run, and only one operator
+runs at a time). Each figure is the median over the rounds, and ours/floor the median of the
+rounds' own ratios (the noise of a shared machine moves the tail of a burst by seconds). Figures:
 time until every RayCluster exists / every job is Running (floor: its phase patch), per-job
 create->cluster and create->running latency (from the driver's watch events), API requests per job
-by verb up to Running (the emulator's recorder), operator peak RSS (VmHWM) and CPU per job
+by verb up to Running and until the operator's writes stop (Events are posted in the background;
+the emulator's recorder), operator peak RSS (VmHWM) and CPU per job over the same span
 (utime+stime from /proc), and at --track-at jobs the operator's CPU per minute while all sit in
-Running. Ours is reported as a ratio to the floor measured minutes before on the same emulator.
+Running (in the last round). Ours is reported as a ratio to the floor measured in the same round.
 """
 from __future__ import annotations
 
@@ -195,6 +198,22 @@ async def recorder(session: aiohttp.ClientSession) -> dict[str, list]:
         return await resp.json()
 
 
+async def writes_settled(session: aiohttp.ClientSession, identity: str, quiet: float = 1.0,
+                         limit: float = 30.0) -> dict[str, list]:
+    """The recorder once `identity` has made no write for `quiet` seconds (`limit` at most)."""
+    def writes(snap: dict[str, list]) -> int:
+        return sum(row[5] for row in snap.get(identity, []) if row[0] in WRITE_VERBS)
+    deadline = time.monotonic() + limit
+    snap = await recorder(session)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet)
+        again = await recorder(session)
+        if writes(again) == writes(snap):
+            return again
+        snap = again
+    return snap
+
+
 def calls_by_verb(before: dict[str, list], after: dict[str, list], identity: str) -> dict[str, int]:
     """Requests of `identity` between two recorder snapshots, by verb (and 'verb resource')."""
     def index(snap: dict[str, list]) -> dict[tuple, int]:
@@ -221,8 +240,8 @@ async def fake_ray_stats(port: int) -> dict[str, Any]:
 # --- one operator, one size ----------------------------------------------------------------------
 
 async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, tokens: dict[str, str],
-                  fake_ray: Child, workdir: Path) -> dict[str, Any]:
-    ns = f"{which}-{n}"
+                  fake_ray: Child, workdir: Path, round_: int, track: bool) -> dict[str, Any]:
+    ns = f"{which}-{n}-r{round_}"
     identity = which
     admin = aiohttp.ClientSession(emu_url, headers={"Authorization": f"Bearer {tokens['admin']}"},
                                   connector=aiohttp.TCPConnector(limit=0))
@@ -293,9 +312,12 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
                 except TimeoutError:
                     pass
             t_end = time.monotonic()
+            # What the operator still does for the burst once the last job is Running (its
+            # Events, posted in the background) is counted too: requests and CPU are read
+            # when its writes have stopped.
+            rec1 = await writes_settled(admin, identity)
             cpu1 = proc_cpu_seconds(op.pid)
             emu_cpu1 = proc_cpu_seconds(args._emu_pid)
-            rec1 = await recorder(admin)
             ray1 = await fake_ray_stats(fake_ray.info["dashboard_port"])
             hwm_kb = proc_status_kb(op.pid, "VmHWM")
 
@@ -332,7 +354,13 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
                 "operator_log": str(op.log_path),
             }
 
-            if n == args.track_at and all_running:
+            # Per-job timeline (seconds after the burst began), for looking at the tail.
+            (workdir / f"timeline-{ns}.json").write_text(json.dumps({
+                name: [round(d[name] - t0, 4) if name in d else None
+                       for d in (watcher.job_added, watcher.cluster_added, watcher.job_running)]
+                for name in names}))
+
+            if track and all_running:
                 # The tracking cost: every job Running, nothing changing; whatever the operator
                 # does now it does per job per interval, forever.
                 await asyncio.sleep(args.settle)
@@ -379,20 +407,51 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         fake = Child([sys.executable, "-m", "bench._fake_ray", "--kube-url", emu.info["url"],
                       "--token", tokens["kuberay-operator"], "--ready-delay", str(args.ready_delay)],
                      workdir / f"fake-ray-{n}.log")
-        out = {}
-        for which in args.operators:
-            print(f"  N={n}: {which} ...", flush=True)
-            out[which] = asyncio.run(run_one(which, n, args, emu.info["url"], tokens, fake, workdir))
-            r = out[which]
-            print(f"  N={n}: {which}: clusters {r['clusters']}/{n} in {fmt(r['clusters_all_s'])} s, "
-                  f"running {r['running']}/{n} in {fmt(r['running_all_s'])} s", flush=True)
-            asyncio.run(delete_namespace(emu.info["url"], tokens["admin"], r["namespace"]))
+        rounds: dict[str, list[dict[str, Any]]] = {which: [] for which in args.operators}
+        for round_ in range(args.rounds):
+            # Floor and ours take turns, each round on the same emulator: the machine's noise
+            # of the moment hits both, and the ratio is taken within a round.
+            last = round_ == args.rounds - 1
+            for which in args.operators:
+                print(f"  N={n} round {round_ + 1}/{args.rounds}: {which} ...", flush=True)
+                r = asyncio.run(run_one(which, n, args, emu.info["url"], tokens, fake, workdir,
+                                        round_, track=last and n == args.track_at))
+                rounds[which].append(r)
+                print(f"  N={n} round {round_ + 1}/{args.rounds}: {which}: clusters {r['clusters']}/{n} "
+                      f"in {fmt(r['clusters_all_s'])} s, running {r['running']}/{n} in "
+                      f"{fmt(r['running_all_s'])} s", flush=True)
+                asyncio.run(delete_namespace(emu.info["url"], tokens["admin"], r["namespace"]))
+        out: dict[str, Any] = {which: median_run(runs) for which, runs in rounds.items()}
+        if "floor" in rounds and "ours" in rounds:
+            out["round_ratios"] = {key: [ratio(o.get(key), f.get(key))
+                                         for f, o in zip(rounds["floor"], rounds["ours"])]
+                                   for _, key in ROWS}
         out["emulator_peak_rss_mb"] = (proc_status_kb(emu.pid, "VmHWM") or 0) / 1024
         return out
     finally:
         if fake is not None:
             fake.stop()
         emu.stop()
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last round's record with every figure of the table replaced by its median over
+    the rounds (a round that timed out counts as slower than any that finished); the rounds
+    themselves are kept under `rounds`."""
+    out = dict(runs[-1])
+    for _, key in ROWS:
+        values = [r.get(key) for r in runs]
+        finished = sorted(v for v in values if v is not None)
+        missing = len(values) - len(finished)
+        ordered: list[float | None] = [*finished, *([None] * missing)]
+        out[key] = ordered[(len(ordered) - 1) // 2] if ordered else None
+    out["rounds"] = [{key: r.get(key) for _, key in ROWS} for r in runs]
+    return out
+
+
+def median(values: list[float | None]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    return present[(len(present) - 1) // 2] if present else None
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -418,16 +477,22 @@ def report(sizes: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     for n, res in sizes.items():
         floor, ours = res.get("floor"), res.get("ours")
         rows = []
+        round_ratios = res.get("round_ratios") or {}
         for label, key in ROWS:
             f = floor.get(key) if floor else None
             o = ours.get(key) if ours else None
-            rows.append((label, f, o, ratio(o, f)))
+            # The median of the rounds' own ratios (each floor and ours minutes apart).
+            rows.append((label, f, o, median(round_ratios[key]) if key in round_ratios else ratio(o, f)))
         for who in ("floor", "ours"):
             r = res.get(who)
             if r and r.get("timed_out_after_s"):
                 rows.append((f"{who}: TIMED OUT at", r["timed_out_after_s"],
                              f"{r['clusters']} clusters", f"{r['running']} running"))
-        parts.append(table(("N=%d" % n, "floor", "ours", "ours/floor"), rows))
+        rounds = len((ours or floor or {}).get("rounds") or [None])
+        parts.append(table((f"N={n}, median of {rounds}", "floor", "ours", "ours/floor"), rows))
+        if round_ratios.get("clusters_all_s") and rounds > 1:
+            parts.append("all RayClusters, ours/floor by round: " + ", ".join(
+                fmt(v) for v in round_ratios["clusters_all_s"]))
         verbs = sorted({k for who in ("floor", "ours") if res.get(who)
                         for k in res[who]["api_calls_to_running"]})
         parts.append(table(("requests/job to Running", "floor", "ours"),
@@ -449,8 +514,9 @@ def report(sizes: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             if n == 1000 or n == max(sizes):
                 g["all Running within 15 s (1,000 jobs)"] = (ours["running_all_s"] is not None
                                                              and ours["running_all_s"] <= GOALS["running_all_s"]) if n == 1000 else None
-            if floor and ours["clusters_all_s"] and floor["clusters_all_s"]:
-                g["all RayClusters within 2x floor"] = ours["clusters_all_s"] <= GOALS["clusters_all_ratio"] * floor["clusters_all_s"]
+            cluster_ratio = median(round_ratios.get("clusters_all_s") or [])
+            if floor and cluster_ratio is not None:
+                g["all RayClusters within 2x floor"] = cluster_ratio <= GOALS["clusters_all_ratio"]
             if ours["create_to_cluster_p99_s"] is not None:
                 g["p99 create->cluster < 3 s"] = ours["create_to_cluster_p99_s"] < GOALS["p99_create_to_cluster_s"]
             g["<= 8 API writes/job to Running"] = ours["api_writes_per_job"] <= GOALS["writes_per_job"]
@@ -469,6 +535,8 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", default="100,1000,3000", help="comma-separated sizes (default %(default)s)")
     p.add_argument("--operators", default="floor,ours", help="which to run, in order (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds per size, floor and ours in turn; medians are reported (default %(default)s)")
     p.add_argument("--track-at", type=int, default=1000,
                    help="the size at which to sample the tracking cost (default %(default)s)")
     p.add_argument("--track-seconds", type=float, default=30.0)
@@ -500,7 +568,7 @@ def main(argv: list[str]) -> int:
         if results:
             text, goals = report(results)
             print(text)
-            ratios = {str(n): {key: ratio((r.get("ours") or {}).get(key), (r.get("floor") or {}).get(key))
+            ratios = {str(n): {key: median((r.get("round_ratios") or {}).get(key) or [])
                                for _, key in ROWS} for n, r in results.items()}
             path = write_results(args.results_name, {
                 "goals": GOALS, "verdicts": goals, "ratios_ours_over_floor": ratios, "table": text,
