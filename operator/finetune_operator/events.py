@@ -3,9 +3,9 @@
 A pass records its Events and moves on; it does not wait for the Events API. As client-go's
 event recorder, posting is best effort: a failed POST is logged and dropped, and so is an
 Event that finds the queue full, so a slow or refusing Events API never holds up a
-reconcile. One poster at a time also keeps Events out of the way of the work that matters
-in a burst of new jobs (creating their RayClusters): the queue drains as the API server
-answers, and catches up when the burst is over.
+reconcile. Events also come last in a burst of new jobs: the poster yields to the new jobs'
+first passes (`yield_to`, the intake gate), which create their RayClusters, and catches up
+when the burst is over.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -26,8 +27,10 @@ QUEUE_SIZE = 10_000  # ~10 Events for each of 1,000 jobs in one burst
 
 
 class EventRecorder:
-    def __init__(self, kube: KubeClient, metrics: Metrics, queue_size: int = QUEUE_SIZE):
+    def __init__(self, kube: KubeClient, metrics: Metrics, queue_size: int = QUEUE_SIZE,
+                 yield_to: Callable[[], Awaitable[None]] | None = None):
         self.kube = kube
+        self.yield_to = yield_to  # awaited before each POST
         self.metrics = metrics
         self._queue: asyncio.Queue[tuple[dict[str, Any], str, str, str]] = \
             asyncio.Queue(queue_size)
@@ -54,6 +57,8 @@ class EventRecorder:
         while True:
             ref, type, reason, message = await self._queue.get()
             try:
+                if self.yield_to is not None:
+                    await self.yield_to()
                 await self.kube.post_event(ref, type=type, reason=reason, message=message)
             except (KubeError, aiohttp.ClientError, TimeoutError) as e:
                 self.metrics.events_dropped.inc()

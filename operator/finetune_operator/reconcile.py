@@ -134,9 +134,10 @@ class Reconciler:
         # A session without Kubernetes credentials, for the Ray dashboards and S3.
         self.http = http
         self.metrics = metrics or Metrics()
-        self.events = EventRecorder(kube, self.metrics)
         self.memory: dict[str, JobMemory] = {}
+        # New jobs' first passes go before other jobs' later passes, and before Events.
         self.intake = IntakeGate()
+        self.events = EventRecorder(kube, self.metrics, yield_to=self.intake.wait)
 
     def mem(self, key: str) -> JobMemory:
         return self.memory.setdefault(key, JobMemory())

@@ -83,3 +83,21 @@ def test_close_gives_up_after_its_timeout():
 
     took, api = asyncio.run(main())
     assert took < 2 and api.posted == []
+
+
+def test_events_wait_for_the_first_passes_they_yield_to():
+    from finetune_operator.intake import IntakeGate
+
+    async def main():
+        api, gate = SlowEventsApi(delay=0.0), IntakeGate()
+        recorder = EventRecorder(api, Metrics(), yield_to=gate.wait)  # type: ignore[arg-type]
+        gate.begin()  # a new job's first pass is pending
+        recorder.record(JOB, type="Normal", reason="Later", message="")
+        await asyncio.sleep(0.1)
+        held = list(api.posted)
+        gate.end()
+        await recorder.close(timeout=5)
+        return held, api.posted
+
+    held, posted = asyncio.run(main())
+    assert held == [] and [reason for _, reason, _ in posted] == ["Later"]
