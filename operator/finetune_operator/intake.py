@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 MAX_WAIT = 5.0  # seconds a later pass yields at most
 
@@ -38,6 +39,15 @@ class IntakeGate:
         if self.pending <= 0:
             self.pending = 0
             self._idle.set()
+
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """Around a job's first pass: pending while it runs, however it ends."""
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
 
     async def wait(self, limit: float = MAX_WAIT) -> None:
         """Before a later pass: until no first pass is pending, `limit` seconds at most."""

@@ -202,23 +202,21 @@ def build_registry() -> kopf.OperatorRegistry:
         key = f"{namespace}/{name}"
         mem = reconciler.mem(key)
         first = True
-        reconciler.intake.begin()
         try:
             while not stopped and mem.cleanup is None:
                 mem.wake.clear()  # before the pass: a wake that arrives during it is not lost
-                if not first:
-                    await reconciler.intake.wait()  # new jobs' first passes go first
-                delay = await reconciler.reconcile(copy.deepcopy(dict(body)))
                 if first:
                     first = False
-                    reconciler.intake.end()
+                    with reconciler.intake.first_pass():
+                        delay = await reconciler.reconcile(copy.deepcopy(dict(body)))
+                else:
+                    await reconciler.intake.wait()  # new jobs' first passes go first
+                    delay = await reconciler.reconcile(copy.deepcopy(dict(body)))
                 try:
                     await asyncio.wait_for(mem.wake.wait(), timeout=delay)
                 except TimeoutError:
                     pass
         finally:
-            if first:
-                reconciler.intake.end()
             # Stopped for the deletion (cancelled by kopf): hold the finalizer until the
             # clean-up is done. Stopped because the operator exits: leave it running.
             if mem.cleanup is not None and not (stopped.reason or 0) & \

@@ -46,3 +46,21 @@ def test_the_wait_is_capped_and_free_when_idle():
 
     idle, capped = asyncio.run(main())
     assert idle < 0.05 and 0.15 < capped < 1.0
+
+
+def test_a_first_pass_that_fails_still_lets_the_others_go():
+    async def main():
+        gate = IntakeGate()
+        try:
+            with gate.first_pass():
+                assert gate.pending == 1
+                raise RuntimeError("the API hiccuped")
+        except RuntimeError:
+            pass
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await gate.wait(limit=5)
+        return gate.pending, loop.time() - t0
+
+    pending, waited = asyncio.run(main())
+    assert pending == 0 and waited < 0.05
