@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import secrets
 import shutil
@@ -440,18 +441,15 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     themselves are kept under `rounds`."""
     out = dict(runs[-1])
     for _, key in ROWS:
-        values = [r.get(key) for r in runs]
-        finished = sorted(v for v in values if v is not None)
-        missing = len(values) - len(finished)
-        ordered: list[float | None] = [*finished, *([None] * missing)]
-        out[key] = ordered[(len(ordered) - 1) // 2] if ordered else None
+        middle = percentile([math.inf if r.get(key) is None else r[key] for r in runs], 50)
+        out[key] = None if middle == math.inf else middle
     out["rounds"] = [{key: r.get(key) for _, key in ROWS} for r in runs]
     return out
 
 
 def median(values: list[float | None]) -> float | None:
-    present = sorted(v for v in values if v is not None)
-    return present[(len(present) - 1) // 2] if present else None
+    """Nearest-rank median of the figures there are (a round without one is left out)."""
+    return percentile([v for v in values if v is not None], 50)
 
 
 # --- report ----------------------------------------------------------------------------------------
