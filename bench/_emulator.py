@@ -1,6 +1,6 @@
-"""The API emulator of tests/kube as a process of its own, plus a read-only view of its recorder.
+"""The test bed's API emulator as a process of its own, plus a read-only view of its recorder.
 
-tests/kube/emulator.py serves everything except its `Recorder`, which lives in the server's
+finetune_testbed/emulator.py serves everything except its `Recorder`, which lives in the server's
 memory. Its documented hook for ad-hoc endpoints (`emulator['get /metrics'] << ...`, see
 `KubeEmulator._route`) answers 404 with kmock 0.8 (kmock's scaffold fallbacks win; reported to
 the lead), so this process subclasses the emulator and answers one extra authenticated path,
@@ -20,7 +20,7 @@ import threading
 
 import aiohttp.web
 
-from tests.kube import emulator as emu
+from finetune_testbed import emulator as emu
 
 
 class BenchEmulator(emu.KubeEmulator):

@@ -1,6 +1,6 @@
 """The cluster side of the operator benchmark, in a process of its own (not the operator's):
 
-- tests/kube's KubeRay stand-in, which marks every RayCluster ready (after its usual 0.2 s) and
+- the test bed's KubeRay stand-in, which marks every RayCluster ready (after its usual 0.2 s) and
   publishes 127.0.0.1:<port below> as the head's dashboard;
 - a light Ray Jobs HTTP API on that port (aiohttp): `POST /api/jobs/` accepts a submission,
   `GET /api/jobs/<id>` says RUNNING once submitted (404 before, as Ray does), `GET
@@ -23,7 +23,7 @@ import signal
 import aiohttp.web
 
 from finetune_api.events import format_event
-from tests.kube.kuberay_standin import HeadAddress, KubeRayStandIn
+from finetune_testbed.kuberay_standin import HeadAddress, KubeRayStandIn
 
 
 def build_app() -> aiohttp.web.Application:

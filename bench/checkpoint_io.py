@@ -32,46 +32,19 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import VENV_BIN, free_port, table, write_results
+from bench.common import table, write_results
 from bench.trainer_overhead import base_env, build_assets, job_document, run_trainer
+from finetune_testbed.s3 import moto_process, s3_client
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
                "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench-ckpt"
-
-
-def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
-    import urllib.request
-
-    port = free_port()
-    log = open(workdir / "moto.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=log, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"moto did not start; see {workdir / 'moto.log'}")
-
-
-def s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
 
 # --- 1. the stall --------------------------------------------------------------------------------
@@ -166,7 +139,7 @@ def upload_boto3(local: Path, files: list[Path], endpoint: str, prefix: str) -> 
     """boto3's TransferManager, default TransferConfig (8 MiB parts, 10 threads), all files."""
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
-    client = s3_client(endpoint)
+    client = s3_client(endpoint, CREDENTIALS)
     t0 = time.perf_counter()
     with create_transfer_manager(client, TransferConfig()) as manager:
         futures = [manager.upload(str(f), BUCKET, f"{prefix}/{f.relative_to(local).as_posix()}")
@@ -200,9 +173,9 @@ def main(argv: list[str]) -> int:
     print(f"checkpoint_io: model {assets['params'] / 1e6:.1f}M params, {a.workers} workers, "
           f"checkpoint every {a.every} of {a.steps} steps; logs in {workdir}", flush=True)
     os.environ.update(CREDENTIALS)
-    moto, endpoint = start_moto(workdir)
+    moto, endpoint = moto_process(workdir)
     try:
-        client = s3_client(endpoint)
+        client = s3_client(endpoint, CREDENTIALS)
         client.create_bucket(Bucket=BUCKET)
         stalls = {}
         for mode in [m.strip().upper() for m in a.modes.split(",") if m.strip()]:

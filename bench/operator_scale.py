@@ -1,9 +1,9 @@
 """Operator scale: N FineTuneJobs created at once, the project's operator against a bare kopf floor.
 
 Processes (each its own, so no one's CPU or GIL hides inside another's figures):
-- the Kubernetes API emulator of tests/kube (`bench._emulator`, which also serves the emulator's
+- the test bed's Kubernetes API emulator (`bench._emulator`, which also serves the emulator's
   request recorder at /debug/recorder);
-- the cluster side (`bench._fake_ray`): tests/kube's KubeRay stand-in marking RayClusters ready,
+- the cluster side (`bench._fake_ray`): the test bed's KubeRay stand-in marking RayClusters ready,
   and a light Ray Jobs HTTP API answering RUNNING with one progress line in the log;
 - the operator under test: the floor (`kopf run bench/_floor_operator.py`: one create handler,
   one RayCluster, one status.phase patch) or ours (`finetune operator`, default settings);
@@ -131,7 +131,7 @@ def wait_http_ok(url: str, timeout: float, proc: Child) -> None:
 
 
 def write_kubeconfig(path: Path, url: str, token: str, namespace: str) -> Path:
-    from tests.kube.emulator import write_kubeconfig as write
+    from finetune_testbed.emulator import write_kubeconfig as write
     return write(path, url, token, namespace)
 
 

@@ -17,7 +17,7 @@ This emulator serves the resource verbs itself from an indexed store with a boun
   (see schema_validation.py), and metadata.name as a DNS-1123 subdomain;
 * bearer-token authentication and a recorder of every call per identity (for RBAC checks).
 
-Run in-process with `EmulatorThread`, or as a process: `python -m tests.kube.emulator --help`.
+Run in-process with `EmulatorThread`, or as a process: `python -m finetune_testbed.emulator --help`.
 """
 from __future__ import annotations
 
@@ -51,13 +51,11 @@ import yaml
 from kmock._internal import rendering
 
 from .patching import PatchError, json_patch, merge_patch
+from .paths import KUBERAY_CRD, PROJECT_CRD
 from .resources import ALL_VERBS, ResourceType, builtin_resource_types
 from .schema_validation import AdmissionError, Cause, format_value
 from .selectors import SelectorError, parse_field_selector, parse_label_selector
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROJECT_CRD = REPO_ROOT / 'crds' / 'finetune.dev_finetunejobs.yaml'
-KUBERAY_CRD = REPO_ROOT.parent / 'shared' / 'kuberay' / 'ray.io_rayclusters.yaml'
 
 DNS1123_SUBDOMAIN = re.compile(r'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')
 DNS1123_MESSAGE = (
@@ -233,6 +231,12 @@ class KubeEmulator(kmock.KubernetesScaffold):
 
     def objects(self, rtype: ResourceType) -> list[dict[str, Any]]:
         return list(self._store[rtype.key].values())
+
+    def history(self, rtype: ResourceType) -> list[tuple[str, dict[str, Any]]]:
+        """(ADDED | MODIFIED | DELETED, object) of every change to `rtype` still in the watch
+        history, oldest first: what a watch from the start would have seen, so a test can
+        tell objects that came and went between two of its reads."""
+        return [(entry.event, entry.obj) for entry in self._history if entry.type_key == rtype.key]
 
     @property
     def resource_version(self) -> int:

@@ -1,16 +1,15 @@
-"""Fixtures: `kube` (a running API emulator), `ray_head` (a real Ray head), `kuberay` (the KubeRay
-stand-in bound to both).
+"""`Kube`: a running API emulator and the ways a test talks to it (HTTP client as an identity,
+kubeconfig, kubectl, the recorder of calls), and `running_kube`, which starts one.
 
-    def test_job_gets_a_cluster(kube, kuberay):
-        kube.create(job_manifest)                       # through the HTTP API, as admin
-        ...start the operator with kube.url / kube.token (or KUBECONFIG=kube.kubeconfig)...
+    with running_kube(tmp_path) as kube:
+        kube.create(job_manifest, 'finetunejobs')       # through the HTTP API, as admin
+        ...start the operator with kube.url / kube.client_for('operator') or a kubeconfig...
         cluster = kube.wait_for(lambda: kube.get_or_none('ray.io/v1', 'rayclusters', 'job-1', 'default'))
-        kube.wait_for(lambda: kube.get('ray.io/v1', 'rayclusters', 'job-1', 'default')
-                      .get('status', {}).get('state') == 'ready')
         assert kube.recorder.verbs_by_resource('operator')[('ray.io', 'rayclusters')] >= {'create'}
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -19,12 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-
 from .client import KubeClient
 from .emulator import EmulatorThread, KubeEmulator, Recorder, make_emulator, write_kubeconfig
-from .kuberay_standin import HeadAddress, KubeRayStandIn
-from .ray_head import VENV_BIN, RayHead, start_ray_head, stop_ray_head
+from .ray_head import VENV_BIN
 
 T = TypeVar('T')
 
@@ -78,6 +74,11 @@ class Kube:
             raise AssertionError(f'kubectl {" ".join(args)} failed ({result.returncode}):\n{result.stderr}')
         return result
 
+    def history(self, api_version: str, kind_or_plural: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every change to that resource type the server still remembers (see KubeEmulator.history)."""
+        rtype = self.emulator.find_type(api_version, kind_or_plural)
+        return self.runner.call(self.emulator.history, rtype)
+
     @staticmethod
     def wait_for(predicate: Callable[[], T], timeout: float = 10, interval: float = 0.05) -> T:
         """The first truthy value of predicate(), polled until timeout (then AssertionError)."""
@@ -91,30 +92,13 @@ class Kube:
             time.sleep(interval)
 
 
-@pytest.fixture
-def kube(tmp_path: Path) -> Iterator[Kube]:
-    """A fresh emulator per test serving built-ins, the FineTuneJob CRD and (when the reference
-    copy exists) KubeRay's RayCluster CRD; identity 'admin' holds `token`."""
+@contextlib.contextmanager
+def running_kube(workdir: Path) -> Iterator[Kube]:
+    """A fresh emulator serving built-ins, the FineTuneJob CRD and (when the reference copy
+    exists) KubeRay's RayCluster CRD; identity 'admin' holds `token`. Its TLS files and
+    kubeconfig go under `workdir`."""
     token = 'admin-' + os.urandom(8).hex()
     emulator = make_emulator({token: 'admin'})
-    with EmulatorThread(emulator, tls_dir=tmp_path / 'tls') as runner:
-        kubeconfig = write_kubeconfig(tmp_path / 'kubeconfig', runner.https_url, token)
+    with EmulatorThread(emulator, tls_dir=workdir / 'tls') as runner:
+        kubeconfig = write_kubeconfig(workdir / 'kubeconfig', runner.https_url, token)
         yield Kube(runner.url, token, 'admin', kubeconfig, emulator, runner, KubeClient(runner.url, token))
-
-
-@pytest.fixture(scope='session')
-def ray_head() -> Iterator[RayHead]:
-    """A real Ray head with token auth for the session: `.dashboard_url`, `.token`, `.headers`."""
-    head = start_ray_head()
-    try:
-        yield head
-    finally:
-        stop_ray_head(head)
-
-
-@pytest.fixture
-def kuberay(kube: Kube, ray_head: RayHead) -> Iterator[KubeRayStandIn]:
-    """The KubeRay stand-in: RayClusters in `kube` become ready and point at `ray_head`."""
-    address = HeadAddress('127.0.0.1', ray_head.gcs_port, ray_head.dashboard_port, ray_head.client_port, ray_head.token)
-    with KubeRayStandIn(kube.url, kube.add_identity('kuberay-operator'), address) as standin:
-        yield standin

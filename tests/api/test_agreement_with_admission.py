@@ -1,6 +1,6 @@
 """The offline validator and the API server's admission agree on every document of the table.
 
-Admission here is the Kubernetes API emulator's (tests/kube): it reads the CRD file from
+Admission here is the Kubernetes API emulator's (finetune_testbed): it reads the CRD file from
 crds/ and evaluates the CEL rules with a different CEL implementation (the Rust-based
 `common-expression-language`, where `finetune validate` uses `cel-python`), the structural
 schema with `jsonschema`. Both must accept the good documents, refuse the bad ones, and name
@@ -15,10 +15,9 @@ import pytest
 
 from finetune_api.crd import CRD_FILE_NAME
 from finetune_api.validation import admit, validate
+from finetune_testbed import schema_validation
 
 from .cases import BAD, GOOD
-
-schema_validation = pytest.importorskip("kube.schema_validation")
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / CRD_FILE_NAME
 

@@ -1,17 +1,11 @@
-"""Rendering the chart with the real Helm SDK (helm-python-sdk), shared by the chart tests."""
+"""The chart as the chart tests render it (finetune_testbed.chart), and the modes they cover."""
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Any
 
-import helm_python
-import yaml
+from finetune_testbed.chart import CHART_DIR, NAMESPACE, RELEASE, chart, render  # noqa: F401
+from finetune_testbed.paths import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[2]
-CHART_DIR = REPO / "charts" / "finetune-operator"
-RELEASE = "ft"
-NAMESPACE = "finetune-system"
 KUBE_VERSION = "1.33.0"
 
 # The modes a release can be installed in; every test that checks all manifests runs on each.
@@ -34,22 +28,6 @@ MODES: dict[str, dict[str, Any]] = {
                    "imagePullSecrets": [{"name": "regcred"}],
                    "image": {"digest": "sha256:" + "a" * 64}},
 }
-
-
-@functools.lru_cache(maxsize=1)
-def chart() -> helm_python.Chart:
-    return helm_python.Chart.load(str(CHART_DIR))
-
-
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every object the release would create (CRDs aside), in template order."""
-    rendered = chart().render(values or {}, name=RELEASE, namespace=NAMESPACE)
-    objects = []
-    for path, text in sorted(rendered.items()):
-        if not path.endswith((".yaml", ".yml")):  # NOTES.txt is for people
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

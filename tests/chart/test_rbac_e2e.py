@@ -1,11 +1,11 @@
 """The chart's RBAC against the calls the real operator makes, recorded by the API emulator.
 
-The operator (kopf, in-process) runs against `tests/kube`'s emulator as identity `operator`
+The operator (kopf, in-process) runs against the test bed's emulator as identity `operator`
 and takes one FineTuneJob through every path that touches the API without needing Ray: a
 missing S3 Secret, the Secret appearing (auth Secret and RayCluster created), suspension
 (RayCluster deleted), a finished job past its TTL (the job deleted, the finalizer removed).
 Then every recorded call must be granted by the chart rendered with the same settings, and
-every grant must have been used (or be allow-listed with a reason in test_rbac.py).
+every grant must have been used (or be allow-listed with a reason in finetune_testbed/rbac.py).
 """
 from __future__ import annotations
 
@@ -15,16 +15,12 @@ import threading
 import time
 from typing import Any
 
+import kopf
 import pytest
 
-from .test_rbac import assert_rbac_matches
-
-kopf = pytest.importorskip("kopf")
-kube_conftest = pytest.importorskip("kube.conftest")
-kube = kube_conftest.kube  # the emulator fixture (a fresh API server per test)
-
-from finetune_operator.main import operator  # noqa: E402
-from finetune_operator.settings import Settings  # noqa: E402
+from finetune_operator.main import operator
+from finetune_operator.settings import Settings
+from finetune_testbed.rbac import assert_rbac_matches
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -94,7 +90,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_rbac_matches_the_calls_the_operator_makes(kube, mode):  # noqa: F811
+def test_rbac_matches_the_calls_the_operator_makes(kube, mode):
     values, settings_overrides = MODES[mode]
     ns = "team-a"
     kube.create_namespace(ns)

@@ -1,1 +1,1 @@
-"""A Kubernetes API emulator (built on kmock), a KubeRay stand-in and a real Ray head for e2e tests."""
+"""Tests of the test bed itself (finetune_testbed): the emulator and the KubeRay stand-in."""

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from .client import ApiStatusError, KubeClient, resource_path
-from .emulator import KUBERAY_CRD, PROJECT_CRD, REPO_ROOT, EmulatorThread, make_emulator
-from .schema_validation import AdmissionError, CrdSchemaValidator
-from .kuberay_standin import HeadAddress, KubeRayStandIn
+from finetune_testbed.client import ApiStatusError, KubeClient, resource_path
+from finetune_testbed.emulator import EmulatorThread, make_emulator
+from finetune_testbed.kuberay_standin import HeadAddress, KubeRayStandIn
+from finetune_testbed.paths import KUBERAY_CRD, PROJECT_CRD, REPO_ROOT
+from finetune_testbed.schema_validation import AdmissionError, CrdSchemaValidator
 
 FTJ = 'finetune.dev/v1alpha1'
 needs_kuberay_crd = pytest.mark.skipif(not KUBERAY_CRD.exists(), reason=f'no KubeRay CRD at {KUBERAY_CRD}')
@@ -536,7 +537,7 @@ def test_kubectl_shows_the_refused_field(kube):
 
 def test_emulator_runs_as_its_own_process(tmp_path):
     kubeconfig = tmp_path / 'kubeconfig'
-    process = subprocess.Popen([sys.executable, '-m', 'tests.kube.emulator', '--token', 'bench=secret-token',
+    process = subprocess.Popen([sys.executable, '-m', 'finetune_testbed.emulator', '--token', 'bench=secret-token',
                                 '--kubeconfig', str(kubeconfig)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(process.stdout.readline())

@@ -1,8 +1,8 @@
 """The operator running in-process (kopf, its own thread and loop) against the API emulator.
 
-`tests/kube` provides the emulator (`kube`), the KubeRay stand-in (`kuberay`) and one real
-Ray head with token auth (`ray_head`); `tests/conftest.py` provides moto S3 and the tiny
-model. These fixtures only add the operator and FineTuneJob documents on those assets.
+The test bed (finetune_testbed, loaded by tests/conftest.py) provides the emulator (`kube`),
+the KubeRay stand-in (`kuberay`), one real Ray head with token auth (`ray_head`) and moto S3;
+`tests/conftest.py` provides the tiny model. These fixtures only add the operator and FineTuneJob documents on those assets.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from typing import Any
 import kopf
 import pytest
 
-# tests/ is on sys.path (its conftest.py is rootdir-level and not in a package), so the
-# emulator fixtures of tests/kube are importable here.
-from kube.conftest import kube, kuberay  # noqa: F401  (fixtures)
-from kube.ray_head import free_port, start_ray_head, stop_ray_head
+from finetune_testbed.ports import free_port
+from finetune_testbed.ray_head import start_ray_head, stop_ray_head
 
 from finetune_operator.main import operator
 from finetune_operator.settings import Settings
@@ -82,7 +80,7 @@ class OperatorThread:
 
 
 @pytest.fixture
-def start_operator(kube, kuberay):  # noqa: F811
+def start_operator(kube, kuberay):
     """Start (and on teardown stop) operators; each call is a fresh process-like instance."""
     started: list[OperatorThread] = []
     tokens: dict[str, str] = {}
@@ -108,7 +106,7 @@ def start_operator(kube, kuberay):  # noqa: F811
 
 
 @pytest.fixture
-def s3_secret(kube, s3_server):  # noqa: F811
+def s3_secret(kube, s3_server):
     def make(name: str = S3_SECRET) -> None:
         kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                      "metadata": {"name": name, "namespace": NAMESPACE},
