@@ -1,7 +1,8 @@
 """Pure builders: a FineTuneJob in, the KubeRay RayCluster out.
 
-Nothing here talks to the API; `reconcile.py` adopts (owner reference) and creates what
-these return, `render.py` prints it. The RayCluster follows KubeRay's `ray.io/v1` CRD:
+Nothing here talks to the API; `reconcile.py` creates what these return and `render.py`
+prints it, the same object: the RayCluster carries everything `kopf.adopt` would add (the
+job's namespace, its labels, the owner reference), so adopting it changes nothing. The RayCluster follows KubeRay's `ray.io/v1` CRD:
 one head group that only hosts the dashboard and the job driver, one fixed-size worker
 group that trains.
 """
@@ -51,6 +52,21 @@ def job_labels(job: FineTuneJob) -> dict[str, str]:
     if QUEUE_LABEL in meta_labels:
         labels[QUEUE_LABEL] = meta_labels[QUEUE_LABEL]
     return labels
+
+
+def cluster_labels(job: FineTuneJob) -> dict[str, str]:
+    """The RayCluster's own labels: ours, then every other label of the job (what
+    kopf.adopt copies from an owner to its children, without overriding ours)."""
+    labels = job_labels(job)
+    for key, value in ((job.document.get("metadata") or {}).get("labels") or {}).items():
+        labels.setdefault(key, value)
+    return labels
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    """The job as the controlling owner: the RayCluster goes when the job does."""
+    return {"apiVersion": job.document.get("apiVersion"), "kind": job.document.get("kind"),
+            "name": job.name, "uid": job.uid, "controller": True, "blockOwnerDeletion": True}
 
 
 def image_for(job: FineTuneJob, settings: Settings) -> str:
@@ -116,7 +132,8 @@ def _container(name: str, image: str, env: list[dict[str, Any]],
 
 
 def build_raycluster(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
-    """The RayCluster that runs `job`: namespace and owner reference are added by the caller."""
+    """The RayCluster that runs `job`, as the operator creates it. A job read from a file has
+    no uid (nor, maybe, a namespace): then there is no owner reference (or namespace)."""
     res = job.spec.resources
     image = image_for(job, settings)
     labels = job_labels(job)
@@ -179,10 +196,16 @@ def build_raycluster(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     # Ray token auth on every cluster: KubeRay generates the token into a Secret of its own
     # (auth_secret_name), starts Ray with it, and the operator reads it to call the dashboard.
     spec["authOptions"] = {"mode": "token"}
+    metadata: dict[str, Any] = {"name": cluster_name(job)}
+    if job.namespace:
+        metadata["namespace"] = job.namespace
+    metadata["labels"] = cluster_labels(job)
+    if job.uid:
+        metadata["ownerReferences"] = [owner_reference(job)]
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": RAY_KIND,
-        "metadata": {"name": cluster_name(job), "labels": labels},
+        "metadata": metadata,
         "spec": spec,
     }
 

@@ -11,16 +11,7 @@ from .settings import Settings
 
 
 def render_job(job: FineTuneJob, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """The RayCluster, in the job's namespace (its auth-token Secret is KubeRay's to make).
-
-    The owner reference to the FineTuneJob is added at creation time (it needs the job's
-    uid), so it is absent here unless the document carries a uid.
-    """
-    cluster = build_raycluster(job, settings or Settings())
-    if job.namespace:
-        cluster["metadata"]["namespace"] = job.namespace
-    if job.uid:
-        cluster["metadata"]["ownerReferences"] = [{
-            "apiVersion": job.document.get("apiVersion"), "kind": job.document.get("kind"),
-            "name": job.name, "uid": job.uid, "controller": True, "blockOwnerDeletion": True}]
-    return [cluster]
+    """The RayCluster, exactly as the operator creates it for this document (its auth-token
+    Secret is KubeRay's to make). The owner reference needs the job's uid, so a document
+    without one (a file not yet applied) renders without it."""
+    return [build_raycluster(job, settings or Settings())]

@@ -80,8 +80,9 @@ class OperatorThread:
 
 
 @pytest.fixture
-def start_operator(kube, kuberay):
-    """Start (and on teardown stop) operators; each call is a fresh process-like instance."""
+def start_operator(kube):
+    """Start (and on teardown stop) operators; each call is a fresh process-like instance.
+    Tests whose RayClusters must become ready ask for `kuberay` too."""
     started: list[OperatorThread] = []
     tokens: dict[str, str] = {}
 

@@ -1,20 +1,26 @@
-"""The RayCluster builder: spec in, KubeRay manifest out, valid against KubeRay's CRD."""
+"""The RayCluster builder: spec in, KubeRay manifest out, valid against KubeRay's CRD, and
+the very object the operator creates (`finetune render` prints it byte for byte)."""
 
 from __future__ import annotations
 
+import base64
 import json
-from pathlib import Path
+import subprocess
 
 import pytest
 import yaml
 
+from finetune_api.model import FineTuneJob
 from finetune_operator.raycluster import auth_secret_name, build_raycluster, cluster_name
 from finetune_operator.render import render_job
 from finetune_operator.settings import Settings
+from finetune_testbed.paths import KUBERAY_CRD
+from finetune_testbed.ray_head import VENV_BIN
+from finetune_testbed.schema_validation import CrdSchemaValidator
 
-from operator_jobs import job
+from conftest import NAMESPACE, wait_until
+from operator_jobs import document, job
 
-KUBERAY_CRD = Path(__file__).resolve().parents[3] / "shared" / "kuberay" / "ray.io_rayclusters.yaml"
 SETTINGS = Settings(default_image="registry.example/trainer:1", ray_version="2.60.0")
 
 
@@ -136,8 +142,20 @@ def test_labels_tie_the_cluster_to_the_job_and_pass_the_queue_through():
     assert labels["finetune.dev/job"] == "llama"
     assert labels["app.kubernetes.io/managed-by"] == "finetune-operator"
     assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    assert "team" not in labels  # only the queue label is ours to pass through
+    assert labels["team"] == "nlp"  # the cluster carries all the job's labels (as kopf.adopt)
     assert cluster["metadata"]["name"] == cluster_name(job()) == "llama"
+    # The pods only ours and Kueue's: a job's labels are not the pods' to select on.
+    for pod in (cluster["spec"]["headGroupSpec"]["template"], workers(cluster)["template"]):
+        assert pod["metadata"]["labels"] == {"finetune.dev/job": "llama",
+                                             "app.kubernetes.io/managed-by": "finetune-operator",
+                                             "kueue.x-k8s.io/queue-name": "gpu-queue"}
+
+
+def test_a_job_label_does_not_override_ours():
+    doc = document()
+    doc["metadata"]["labels"]["finetune.dev/job"] = "other"
+    cluster = build_raycluster(FineTuneJob.from_document(doc), SETTINGS)
+    assert cluster["metadata"]["labels"]["finetune.dev/job"] == "llama"
 
 
 def test_token_auth_is_on_and_kuberay_makes_the_token():
@@ -157,7 +175,58 @@ def test_render_returns_the_cluster_owned_by_the_job():
     objs = render_job(job(), SETTINGS)
     assert [o["kind"] for o in objs] == ["RayCluster"]
     assert objs[0]["metadata"]["namespace"] == "team-a"
-    assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == job().uid
+    assert objs[0]["metadata"]["ownerReferences"] == [{
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "llama",
+        "uid": job().uid, "controller": True, "blockOwnerDeletion": True}]
+
+
+def test_a_job_not_yet_applied_renders_without_owner_or_namespace():
+    cluster = build_raycluster(job(**{"metadata.uid": None, "metadata.namespace": None}), SETTINGS)
+    assert set(cluster["metadata"]) == {"name", "labels"}
+
+
+# What the API server fills in on create: not the operator's to send, nor render's to print.
+SERVER_FIELDS = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_render_prints_byte_for_byte_the_raycluster_the_operator_creates(kube, start_operator,
+                                                                         tmp_path):
+    """The operator (kopf, in-process) creates the RayCluster in the API emulator; `finetune
+    render` of the job as the API server stores it prints that object: created in its place,
+    it would be stored byte for byte the same."""
+    if not KUBERAY_CRD.exists():
+        pytest.skip(f"KubeRay's CRD (reference data) is not at {KUBERAY_CRD}")
+    kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                 "metadata": {"name": "s3-credentials", "namespace": NAMESPACE},
+                 "data": {k: base64.b64encode(b"x").decode()
+                          for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}, "secrets")
+    start_operator()
+    doc = document(**{"metadata.namespace": NAMESPACE, "metadata.uid": None,
+                      "metadata.generation": None})
+    kube.create(doc, "finetunejobs")
+    created = wait_until(lambda: kube.get_or_none("ray.io/v1", "rayclusters", "llama", NAMESPACE),
+                         30, what="the RayCluster")
+    for key in SERVER_FIELDS:
+        created["metadata"].pop(key, None)
+    created.pop("status", None)
+    # The labels kopf.adopt would copy and the owner reference are there: render has them.
+    assert created["metadata"]["labels"]["team"] == "nlp"
+    stored_job = kube.get("finetune.dev/v1alpha1", "finetunejobs", "llama", NAMESPACE)
+    assert created["metadata"]["ownerReferences"][0]["uid"] == stored_job["metadata"]["uid"]
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({k: stored_job[k] for k in ("apiVersion", "kind", "metadata",
+                                                                   "spec")}, sort_keys=False))
+    rendered = subprocess.run([str(VENV_BIN / "finetune"), "render", str(job_file)],
+                              capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    # The API server stores the request with the CRD's defaults filled in (ports' protocol:
+    # TCP): render's output through the same admission is, byte for byte, what it stored.
+    (printed,) = yaml.safe_load_all(rendered.stdout)
+    admitted, _ = CrdSchemaValidator.from_file(KUBERAY_CRD, "v1").admit(printed)
+    assert yaml.safe_dump(admitted, sort_keys=False) == yaml.safe_dump(created, sort_keys=False)
 
 
 @pytest.fixture(scope="module")
