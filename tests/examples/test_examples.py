@@ -1,9 +1,9 @@
-"""The examples: valid for `finetune validate`, for the API server's admission of the CRD,
-and saying what their names promise."""
+"""The examples: valid for `finetune validate` and for the API server's admission of the CRD,
+and doing what their names promise where it happens: in the RayCluster the operator creates
+and in the configuration the trainer hands DeepSpeed or FSDP."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -14,6 +14,11 @@ from finetune_api import KIND
 from finetune_api.model import FineTuneJob
 from finetune_operator.render import render_job
 from finetune_operator.settings import QUEUE_LABEL, Settings
+from finetune_testbed.ray_head import VENV_BIN
+from finetune_testbed.schema_validation import CrdSchemaValidator
+from finetune_trainer.launcher import with_absolute_file_uris
+from finetune_trainer.strategy_deepspeed import build_ds_config
+from finetune_trainer.strategy_fsdp import hybrid_mesh_shape
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -42,8 +47,13 @@ def job(name: str) -> FineTuneJob:
 
 
 def finetune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune_api.cli", *args],
-                          capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([str(VENV_BIN / "finetune"), *args], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+def raycluster(name: str) -> dict:
+    (cluster,) = render_job(job(name), Settings())
+    return cluster
 
 
 def test_the_examples_are_there():
@@ -71,8 +81,7 @@ def test_validate_rejects_the_secret_without_skip_other_kinds():
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
 def test_example_is_admitted_by_the_crd(path):
     """The API server's view, through the e2e emulator's admission (other CEL engine)."""
-    schema_validation = pytest.importorskip("kube.schema_validation")
-    validator = schema_validation.CrdSchemaValidator.from_file(CRD)
+    validator = CrdSchemaValidator.from_file(CRD)
     for doc in documents(path):
         if doc["kind"] == KIND:
             stored, warnings = validator.admit(doc)
@@ -98,33 +107,63 @@ def test_secret_refs_name_the_example_secret():
         assert job(name).spec.s3.secret_ref == secret["metadata"]["name"], name
 
 
-def test_llama2_7b_zero3():
-    spec = raw("llama2-7b-zero3.yaml")["spec"]
-    assert "Llama-2-7b" in spec["model"]["uri"]
-    assert spec["strategy"] == {"type": "deepspeed", "deepspeed": {"stage": 3}}
-    assert spec["resources"]["workers"] == 8 and spec["resources"]["gpusPerWorker"] == 1
-    assert spec["training"]["precision"] == "bf16"
-    assert spec["checkpoint"]["uri"].startswith("s3://")
-    assert spec["resources"]["nodeSelector"]
-    assert spec["resources"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+# What each DeepSpeed example's name promises, in the config the trainer hands DeepSpeed.
+DEEPSPEED_PROMISES = {
+    "llama2-7b-zero3.yaml": {"stage": 3, "offload": set(), "bf16": True},
+    "zero3-cpu-offload.yaml": {"stage": 3, "offload": {"offload_optimizer", "offload_param"},
+                               "bf16": True},
+    "kueue-queued.yaml": {"stage": 2, "offload": set(), "bf16": True},
+    "tiny-cpu.yaml": {"stage": 3, "offload": set(), "bf16": False},  # CPU: fp32
+}
 
 
-def test_fsdp_hybrid():
-    spec = raw("fsdp-hybrid.yaml")["spec"]
-    assert spec["strategy"]["type"] == "fsdp"
-    assert spec["strategy"]["fsdp"]["shardingStrategy"] == "HYBRID_SHARD"
-    assert spec["resources"]["workers"] == 4 and spec["resources"]["gpusPerWorker"] == 8
+@pytest.mark.parametrize("name", sorted(DEEPSPEED_PROMISES))
+def test_deepspeed_examples_configure_deepspeed_as_named(name):
+    spec = job(name).spec
+    config = build_ds_config(spec.training, spec.strategy.deepspeed)
+    promise = DEEPSPEED_PROMISES[name]
+    zero = config["zero_optimization"]
+    assert zero["stage"] == promise["stage"]
+    assert {k for k in ("offload_optimizer", "offload_param") if k in zero} == promise["offload"]
+    assert all(zero[k]["device"] == "cpu" for k in promise["offload"])
+    assert config["bf16"]["enabled"] is promise["bf16"] and config["fp16"]["enabled"] is False
+    # The batch the file asks for is the batch DeepSpeed runs.
+    training = raw(name)["spec"]["training"]
+    assert config["train_micro_batch_size_per_gpu"] == training.get("microBatchSize", 1)
+    assert config["gradient_accumulation_steps"] == training.get("gradientAccumulationSteps", 1)
 
 
-def test_zero3_cpu_offload():
-    ds = raw("zero3-cpu-offload.yaml")["spec"]["strategy"]["deepspeed"]
-    assert ds == {"stage": 3, "offloadOptimizer": "cpu", "offloadParam": "cpu"}
+def test_every_deepspeed_example_is_covered():
+    deepspeed = {p.name for p in JOB_FILES if job(p.name).spec.strategy.type == "deepspeed"}
+    assert deepspeed == set(DEEPSPEED_PROMISES)
+
+
+def test_fsdp_hybrid_shards_inside_a_pod_and_replicates_across_pods():
+    cluster = raycluster("fsdp-hybrid.yaml")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    pods = group["replicas"]
+    gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert (pods, gpus) == (4, 8)
+    # HYBRID_SHARD: the trainer's device mesh shards over each pod's 8 GPUs, replicates x4.
+    assert job("fsdp-hybrid.yaml").spec.strategy.fsdp.sharding_strategy == "HYBRID_SHARD"
+    assert hybrid_mesh_shape(pods * gpus, gpus) == (4, 8)
+
+
+def test_tiny_example_runs_on_cpus_from_where_it_is_started(tmp_path, monkeypatch):
+    (group,) = raycluster("tiny-cpu.yaml")["spec"]["workerGroupSpecs"]
+    assert "nvidia.com/gpu" not in str(group["template"]["spec"])
+    # Its file:// paths have no leading slash: the trainer reads them from the directory
+    # `finetune run` was started in, as `make demo` (finetune make-tiny .demo) expects.
+    monkeypatch.chdir(tmp_path)
+    spec = with_absolute_file_uris(job("tiny-cpu.yaml")).spec
+    assert spec.model.uri == f"file://{tmp_path}/.demo/model"
+    assert spec.dataset.uri == f"file://{tmp_path}/.demo/data/train.jsonl"
+    assert spec.checkpoint.uri == f"file://{tmp_path}/.demo/checkpoints"
 
 
 def test_kueue_label_reaches_the_raycluster_and_its_pods():
-    j = job("kueue-queued.yaml")
     queue = raw("kueue-queued.yaml")["metadata"]["labels"][QUEUE_LABEL]
-    cluster = next(o for o in render_job(j, Settings()) if o["kind"] == "RayCluster")
+    cluster = raycluster("kueue-queued.yaml")
     assert cluster["metadata"]["labels"][QUEUE_LABEL] == queue
     assert cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == queue
     for group in cluster["spec"]["workerGroupSpecs"]:
@@ -133,9 +172,8 @@ def test_kueue_label_reaches_the_raycluster_and_its_pods():
 
 @pytest.mark.parametrize("name", ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml"])
 def test_gpu_examples_land_on_their_node_pool(name):
-    j = job(name)
     spec = raw(name)["spec"]["resources"]
-    cluster = next(o for o in render_job(j, Settings()) if o["kind"] == "RayCluster")
+    cluster = raycluster(name)
     (group,) = cluster["spec"]["workerGroupSpecs"]
     pod = group["template"]["spec"]
     assert group["replicas"] == spec["workers"]

@@ -6,14 +6,16 @@ at ../shared/kuberay, defaults applied first as the API server does)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from finetune_testbed.paths import KUBERAY_CRD
+from finetune_testbed.ray_head import VENV_BIN
+from finetune_testbed.schema_validation import CrdSchemaValidator
+
 ROOT = Path(__file__).resolve().parents[2]
-KUBERAY_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayclusters.yaml"
 JOB_FILES = sorted(p for p in (ROOT / "examples").glob("*.yaml")
                    if any(d and d.get("kind") == "FineTuneJob"
                           for d in yaml.safe_load_all(p.read_text())))
@@ -23,7 +25,6 @@ JOB_FILES = sorted(p for p in (ROOT / "examples").glob("*.yaml")
 def kuberay_admission():
     if not KUBERAY_CRD.exists():
         pytest.skip(f"KubeRay's CRD (reference data) is missing at {KUBERAY_CRD}")
-    from kube.schema_validation import CrdSchemaValidator
     return CrdSchemaValidator.from_file(KUBERAY_CRD, "v1")
 
 
@@ -33,7 +34,7 @@ def test_there_are_job_examples():
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
 def test_rendered_raycluster_is_admitted_by_kuberay_crd(path, kuberay_admission):
-    result = subprocess.run([sys.executable, "-m", "finetune_api.cli", "render", str(path),
+    result = subprocess.run([str(VENV_BIN / "finetune"), "render", str(path),
                              "--image", "registry.example/finetune-trainer:0.1.0"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
