@@ -281,6 +281,18 @@ def test_orphan_propagation_keeps_dependents(kube):
     assert 'ownerReferences' not in kube.get('v1', 'configmaps', 'dep', 'default')['metadata']
 
 
+def test_history_tells_objects_of_one_name_apart(kube):
+    """What a test reads to know whether an object was replaced between two of its reads."""
+    first = kube.create({'apiVersion': 'v1', 'kind': 'ConfigMap', 'metadata': {'name': 'cm'}}, 'configmaps', 'default')
+    kube.patch('v1', 'configmaps', 'cm', {'data': {'k': 'v'}}, 'default')
+    kube.delete('v1', 'configmaps', 'cm', 'default')
+    second = kube.create({'apiVersion': 'v1', 'kind': 'ConfigMap', 'metadata': {'name': 'cm'}}, 'configmaps', 'default')
+    changes = [(event, obj['metadata']['uid']) for event, obj in kube.history('v1', 'configmaps')
+               if obj['metadata']['name'] == 'cm']
+    one, two = first['metadata']['uid'], second['metadata']['uid']
+    assert changes == [('ADDED', one), ('MODIFIED', one), ('DELETED', one), ('ADDED', two)]
+
+
 # -- selectors, lists, watches --
 
 def test_label_and_field_selectors(kube):
