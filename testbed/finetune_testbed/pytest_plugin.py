@@ -11,23 +11,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .kube import Kube, running_kube
-from .kuberay_standin import HeadAddress, KubeRayStandIn
-from .ray_head import RayHead, start_ray_head, stop_ray_head
-from .s3 import S3Server, moto_server
+# The parts are imported inside the fixtures: suites that use none of them (the API's, the
+# chart's) do not pay for kmock, aiohttp or moto.
+if TYPE_CHECKING:
+    from .kube import Kube
+    from .kuberay_standin import KubeRayStandIn
+    from .ray_head import RayHead
+    from .s3 import S3Server
 
 
 @pytest.fixture
 def kube(tmp_path: Path) -> Iterator[Kube]:
+    from .kube import running_kube
+
     with running_kube(tmp_path) as running:
         yield running
 
 
 @pytest.fixture(scope='session')
 def ray_head() -> Iterator[RayHead]:
+    from .ray_head import start_ray_head, stop_ray_head
+
     head = start_ray_head()
     try:
         yield head
@@ -37,6 +45,8 @@ def ray_head() -> Iterator[RayHead]:
 
 @pytest.fixture
 def kuberay(kube: Kube, ray_head: RayHead) -> Iterator[KubeRayStandIn]:
+    from .kuberay_standin import HeadAddress, KubeRayStandIn
+
     address = HeadAddress('127.0.0.1', ray_head.gcs_port, ray_head.dashboard_port, ray_head.client_port, ray_head.token)
     with KubeRayStandIn(kube.url, kube.add_identity('kuberay-operator'), address) as standin:
         yield standin
@@ -44,5 +54,7 @@ def kuberay(kube: Kube, ray_head: RayHead) -> Iterator[KubeRayStandIn]:
 
 @pytest.fixture(scope='session')
 def s3_server() -> Iterator[S3Server]:
+    from .s3 import moto_server
+
     with moto_server() as server:
         yield server
