@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import kubernetes_validate
-import pytest
 import yaml
 
 from finetune_api import model

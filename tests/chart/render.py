@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_testbed.chart import CHART_DIR, NAMESPACE, RELEASE, chart, render  # noqa: F401
-from finetune_testbed.paths import REPO_ROOT as REPO
+from finetune_testbed.paths import REPO_ROOT as REPO  # noqa: F401
 
 KUBE_VERSION = "1.33.0"
 
