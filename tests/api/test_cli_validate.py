@@ -11,7 +11,7 @@ from .cases import BAD, GOOD
 
 
 def run_validate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", *args],
+    return subprocess.run([sys.executable, "-m", "finetune_cli", "validate", *args],
                           capture_output=True, text=True, timeout=60)
 
 

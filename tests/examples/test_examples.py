@@ -42,7 +42,7 @@ def job(name: str) -> FineTuneJob:
 
 
 def finetune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune_api.cli", *args],
+    return subprocess.run([sys.executable, "-m", "finetune_cli", *args],
                           capture_output=True, text=True, cwd=REPO)
 
 

@@ -33,7 +33,7 @@ def test_there_are_job_examples():
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
 def test_rendered_raycluster_is_admitted_by_kuberay_crd(path, kuberay_admission):
-    result = subprocess.run([sys.executable, "-m", "finetune_api.cli", "render", str(path),
+    result = subprocess.run([sys.executable, "-m", "finetune_cli", "render", str(path),
                              "--image", "registry.example/finetune-trainer:0.1.0"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr

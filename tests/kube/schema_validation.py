@@ -348,7 +348,10 @@ class CrdSchemaValidator:
         # Validation is a pure function of the body (and, with transition rules, the old body):
         # benchmarks write thousands of near-identical objects, so verdicts are memoized.
         checked = {key: value for key, value in body.items() if key not in unchanged}
-        cache_key = json.dumps([checked, old_body, sorted(unchanged)], sort_keys=True)
+        # Root-level rules see metadata.name and generateName, and nothing else of ObjectMeta.
+        names = {key: metadata[key] for key in ('name', 'generateName')
+                 if isinstance(metadata, dict) and key in metadata}
+        cache_key = json.dumps([checked, old_body, sorted(unchanged), names], sort_keys=True)
         with self._verdicts_lock:
             causes = self._verdicts.get(cache_key)
         if causes is None:
@@ -356,7 +359,7 @@ class CrdSchemaValidator:
             causes = [_schema_error_cause(error)
                       for error in sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))]
             if not causes:
-                causes = self._evaluate_rules(body, old_body, unchanged)
+                causes = self._evaluate_rules(body, old_body, unchanged, names)
             with self._verdicts_lock:  # validators are shared by emulators on several threads
                 if len(self._verdicts) >= 4096:
                     self._verdicts.pop(next(iter(self._verdicts)))
@@ -381,9 +384,12 @@ class CrdSchemaValidator:
         return validator
 
     def _evaluate_rules(self, body: dict[str, Any], old_body: dict[str, Any] | None,
-                        unchanged: frozenset[str] = frozenset()) -> list[Cause]:
+                        unchanged: frozenset[str] = frozenset(),
+                        names: dict[str, Any] | None = None) -> list[Cause]:
         causes: list[Cause] = []
         for value, schema, keys in self._walker.cel_nodes(body, self._body_schema):
+            if not keys:
+                value = {**value, 'metadata': names or {}}
             path = format_path(keys)
             ratcheted = bool(keys) and keys[0] in unchanged
             for rule in self._rules.get(id(schema), []):
