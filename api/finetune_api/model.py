@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
-from .reader import read_one
+from .reader import dump, read_one
 from .validation import admit
 
 
@@ -201,4 +199,4 @@ class FineTuneJob:
         return f"{self.checkpoint_run_uri}/final"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.document, sort_keys=False)
+        return dump(self.document)  # quoted where kubectl would read a string otherwise

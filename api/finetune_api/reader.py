@@ -280,6 +280,7 @@ class _Composer:
         self.anchors: dict[str, tuple[Any, int]] = {}
         self.nodes = 0
         self.skipping = 0  # depth of a subtree dropped past MAX_DEPTH
+        self.abandoned = False  # past MAX_NODES: the rest of the document is not built
         self.done = False
 
     def fail(self, message: str, path: str | None, line: int) -> None:
@@ -329,6 +330,8 @@ class _Composer:
         return _as_sent(value)
 
     def feed(self, event: yaml.Event) -> None:
+        if self.abandoned:
+            return
         if self.skipping:
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 self.skipping += 1
@@ -380,13 +383,13 @@ class _Composer:
     def attach(self, value: Any, size: int, line: int) -> None:
         self.nodes += size
         if self.nodes > MAX_NODES:
-            if not any(p.message.startswith("more than") for p in self.doc.problems):
-                self.fail(f"more than {MAX_NODES} values once its aliases are expanded "
-                          "(excessive aliasing)", None, line)
-            value = None
+            self.fail(f"more than {MAX_NODES} values once its aliases are expanded "
+                      "(excessive aliasing)", None, line)
+            self.abandoned = True
+            self.doc.value = None
+            return
         if not self.stack:
             self.doc.value = value
-            self.done = True
             return
         top = self.stack[-1]
         top.nodes += size
@@ -437,6 +440,8 @@ def _read_yaml(text: str, source: str) -> tuple[list[Document], list[Problem]]:
             elif isinstance(event, (yaml.NodeEvent, yaml.CollectionEndEvent)):
                 assert composer is not None
                 composer.feed(event)
+            elif isinstance(event, yaml.DocumentEndEvent) and composer is not None:
+                composer.done = True
     except yaml.reader.ReaderError as exc:
         problems.append(Problem(source, f"not valid YAML: unacceptable character "
                                         f"#x{exc.character:04x}: special characters are not "
@@ -600,3 +605,28 @@ def read_one(data: bytes | str, source: str) -> Any:
     if len(found) != 1:
         raise ReadError([Problem(source, f"must hold one document; it holds {len(found)}")])
     return found[0].value
+
+
+# -- writing -------------------------------------------------------------------------------
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that go-yaml would not read back as one
+    (PyYAML leaves `129e6`, `0o17` or `y` bare: they are strings in YAML 1.1)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if not isinstance(resolve_plain(value), str) if value else True:
+        return dumper.represent_scalar(_TAG + "str", value, style="'")
+    return dumper.represent_str(value)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_all(documents: list[Any]) -> str:
+    """YAML that kubectl reads back as the same JSON values."""
+    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False)
+
+
+def dump(document: Any) -> str:
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False)

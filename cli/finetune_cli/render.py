@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-import yaml
+from finetune_api.reader import dump_all
 
 from .jobs import load_jobs_or_exit
 
@@ -20,5 +20,5 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.image:
         settings = dataclasses.replace(settings, default_image=args.image)
     manifests = [manifest for _, job in jobs for manifest in render_job(job, settings)]
-    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
+    sys.stdout.write(dump_all(manifests))  # as kubectl will read it back
     return 0
