@@ -21,8 +21,8 @@ refuses them. JSON input (a stream of objects, as `kubectl apply -f` reads it) g
 Python's JSON parser with the same checks.
 
 Nothing here recurses with the input: a file nested deeper than MAX_DEPTH levels is refused
-with a message, not a RecursionError, and aliases may not blow a document up past
-MAX_NODES values (go-yaml refuses "excessive aliasing" too).
+with a message, not a RecursionError, and aliases may not repeat more than MAX_NODES
+values in a document (go-yaml refuses "excessive aliasing" too).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class _Composer:
         self.doc = doc
         self.stack: list[_Frame] = []
         self.anchors: dict[str, tuple[Any, int]] = {}
-        self.nodes = 0
+        self.aliased = 0  # values that aliases repeat: what a "billion laughs" file inflates
         self.skipping = 0  # depth of a subtree dropped past MAX_DEPTH
         self.abandoned = False  # past MAX_NODES: the rest of the document is not built
         self.done = False
@@ -338,7 +338,7 @@ class _Composer:
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 self.skipping -= 1
                 if not self.skipping:
-                    self.attach(None, 0, event.start_mark.line + 1)
+                    self.attach(None, 1, event.start_mark.line + 1)
             return
         line = event.start_mark.line + 1
         if isinstance(event, yaml.ScalarEvent):
@@ -357,6 +357,7 @@ class _Composer:
                 self.attach(None, 1, line)
                 return
             value, size = self.anchors[event.anchor]
+            self.aliased += size
             self.attach(value, size, line)
         elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             path = self.child_path()
@@ -381,10 +382,11 @@ class _Composer:
                 frame.value.setdefault(key, value)
 
     def attach(self, value: Any, size: int, line: int) -> None:
-        self.nodes += size
-        if self.nodes > MAX_NODES:
-            self.fail(f"more than {MAX_NODES} values once its aliases are expanded "
-                      "(excessive aliasing)", None, line)
+        """Puts a value in its place; `size` counts the values it holds (what an alias of it
+        repeats)."""
+        if self.aliased > MAX_NODES:
+            self.fail(f"its aliases repeat more than {MAX_NODES} values (excessive aliasing)",
+                      None, line)
             self.abandoned = True
             self.doc.value = None
             return

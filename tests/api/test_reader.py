@@ -13,7 +13,7 @@ from finetune_api.reader import (MAX_DEPTH, ReadError, dump_all, read_one, read_
                                  resolve_plain)
 from finetune_api.validation import admit
 
-from .cases import ABSENT, BAD, GOOD, TEXT_BAD, TEXT_GOOD, job_text
+from .cases import ABSENT, BAD, GOOD, TEXT_BAD, TEXT_GOOD, job_text, make
 
 # Plain scalars as go-yaml v2 resolves them (resolve.go), after the JSON trip to the API server.
 SCALARS = [
@@ -125,3 +125,10 @@ def test_read_one_is_for_exactly_one_document():
     with pytest.raises(ReadError) as refused:
         read_one(job_text("learningRate: .nan"), "FINETUNE_JOB")
     assert str(refused.value).startswith("FINETUNE_JOB#1: spec.training.learningRate: ")
+
+
+def test_a_large_file_without_aliases_is_not_excessive_aliasing():
+    config = {"layers": [{"index": i, "sizes": [1, 2, 3]} for i in range(40_000)]}
+    doc = make(**{"spec.strategy.deepspeed.config": config})
+    read, problems = read_stream(dump_all([doc]), "large.yaml")
+    assert problems == [] and read[0].problems == [] and read[0].value == doc
