@@ -611,12 +611,12 @@ def read_one(data: bytes | str, source: str) -> Any:
 
 # -- writing -------------------------------------------------------------------------------
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
     """PyYAML's safe dumper, quoting every string that go-yaml would not read back as one
     (PyYAML leaves `129e6`, `0o17` or `y` bare: they are strings in YAML 1.1)."""
 
 
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+def _represent_str(dumper: Any, value: str) -> yaml.ScalarNode:
     if not isinstance(resolve_plain(value), str) if value else True:
         return dumper.represent_scalar(_TAG + "str", value, style="'")
     return dumper.represent_str(value)

@@ -178,14 +178,26 @@ class _Validator:
     def run_rules(self, value: Any, schema: Schema, path: str) -> None:
         for spec in schema.get("x-kubernetes-validations", []):
             program = _compiled(spec["rule"])
+            reads = _top_level_reads(spec["rule"]) if not path else None
+            seen = value if reads is None else {  # a root rule converts only what it reads
+                key: value[key] for key in reads if key in value}
             try:
-                result = program.evaluate({"self": celpy.json_to_cel(value)})
+                result = program.evaluate({"self": celpy.json_to_cel(seen)})
             except Exception as exc:  # a rule that cannot evaluate is an admission error too
                 self.error(path, f"Invalid value: rule {spec['rule']!r} failed: {exc}")
                 continue
             if isinstance(result, Exception) or not bool(result):
                 field = (path + spec.get("fieldPath", "")).lstrip(".")
                 self.error(field or path, f"Invalid value: {spec['message']}")
+
+
+@lru_cache(maxsize=None)
+def _top_level_reads(expression: str) -> frozenset[str] | None:
+    """The fields of `self` a rule names (`self.metadata...`), None when it uses `self` whole."""
+    uses = re.findall(r"\bself\b(\.[A-Za-z_][A-Za-z0-9_]*)?", expression)
+    if any(not use for use in uses):
+        return None
+    return frozenset(use[1:] for use in uses)
 
 
 @lru_cache(maxsize=None)
