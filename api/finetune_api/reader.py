@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import dataclasses
 import json
 import math
 import re
@@ -578,16 +579,51 @@ def _json_end(text: str, start: int) -> int:
 
 # -- entry points --------------------------------------------------------------------------
 
+def _parse(text: str, source: str) -> tuple[list[Document], list[Problem]]:
+    if text.lstrip().startswith("{"):
+        return _read_json(text, source)
+    return _read_yaml(text, source)
+
+
+_MARK = "\ue000"  # a private-use character standing in for bytes that are not UTF-8
+codecs.register_error("finetune-mark", lambda exc: (_MARK, exc.end))
+
+
+def _where_undecodable(data: bytes, source: str, problem: Problem) -> Problem:
+    """The document and field of the first byte that is not UTF-8, where the file says."""
+    text = data.decode("utf-8", "finetune-mark")
+    if _MARK in data.decode("utf-8", "ignore"):
+        return problem  # the file has the stand-in character of its own: no telling
+    docs, _ = _parse(text, source)
+    for doc in docs:
+        work: list[tuple[Any, str]] = [(doc.value, "")]
+        while work:
+            value, path = work.pop()
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if _MARK in key:
+                        return dataclasses.replace(problem, document=doc.index,
+                                                   field=_join(path, key.replace(_MARK, "?")),
+                                                   label=doc.label.replace(_MARK, "?"))
+                    work.append((item, _join(path, key)))
+            elif isinstance(value, list):
+                work.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+            elif isinstance(value, str) and _MARK in value:
+                return dataclasses.replace(problem, document=doc.index, field=path or None,
+                                           label=doc.label.replace(_MARK, "?"))
+    return problem
+
+
 def read_stream(data: bytes | str, source: str) -> tuple[list[Document], list[Problem]]:
     """Every document of a file or stream (YAML, or JSON when it starts with `{`, as kubectl
     decides), and the problems that concern the whole file (not UTF-8, a syntax error)."""
     try:
         text = _decode(data, source)
     except ReadError as exc:
+        if isinstance(data, bytes) and exc.problems[0].line is not None:
+            return [], [_where_undecodable(data, source, exc.problems[0])]
         return [], exc.problems
-    if text.lstrip().startswith("{"):
-        return _read_json(text, source)
-    return _read_yaml(text, source)
+    return _parse(text, source)
 
 
 def iter_values(docs: list[Document]) -> Iterator[Document]:

@@ -215,7 +215,7 @@ def job_text(training: str = "maxSteps: 10", name: str = "case") -> str:
 ABSENT = object()  # the field is not in the stored object (a null pruned, say)
 
 # name -> (file text, {field path: the value the API server stores})
-TEXT_GOOD: dict[str, tuple[str, dict[str, Any]]] = {
+TEXT_GOOD: dict[str, tuple[str | bytes, dict[str, Any]]] = {
     "exponent-float": (job_text("learningRate: 3e-3"), {"spec.training.learningRate": 0.003}),
     "exponent-upper-signed": (job_text("learningRate: 2E-05"),
                               {"spec.training.learningRate": 2e-05}),
@@ -259,6 +259,7 @@ TEXT_GOOD: dict[str, tuple[str, dict[str, Any]]] = {
                        ' "training": {"learningRate": 3e-3, "maxSteps": 1e3}}}',
                        {"spec.training.learningRate": 0.003, "spec.training.maxSteps": 1000}),
     "utf8-bom": ("\ufeff" + job_text(), {"spec.training.maxSteps": 10}),
+    "utf16-with-bom": (job_text().encode("utf-16"), {"spec.training.maxSteps": 10}),
 }
 
 # name -> (file text or bytes, the field the error names (None: the file), words the message
@@ -278,8 +279,14 @@ TEXT_BAD: dict[str, tuple[str | bytes, str | None, str, str]] = {
                            "metadata.name", "duplicate key", "kubectl"),
     "json-nan": ('{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", '
                  '"spec": {"training": {"learningRate": NaN}}}', None, "NaN", "kubectl"),
-    "not-utf8": (job_text().encode().replace(b"name: case", b"name: caf\xe9"), None,
-                 "not UTF-8", "kubectl"),
+    "not-utf8": (job_text().encode().replace(b"name: case", b"name: caf\xe9"),
+                 "metadata.name", "not UTF-8: byte 0xe9", "kubectl"),
+    "not-utf8-key": (job_text().encode().replace(b"maxSteps", b"max\xffSteps"),
+                     "spec.training.max?Steps", "not UTF-8: byte 0xff", "kubectl"),
+    "not-utf8-in-a-comment": (job_text().encode() + b"# caf\xe9\n", None, "not UTF-8",
+                              "kubectl"),
+    "utf16-without-bom": (job_text().encode("utf-16-le"), None, "character #x0000",
+                          "kubectl"),
     "deep-nesting": (job_text() + "  strategy:\n    deepspeed:\n      config:\n" +
                      "".join("  " * (i + 4) + f"k{i}:\n" for i in range(150)) +
                      "  " * 154 + "leaf: 1\n", "spec.strategy.deepspeed.config",
