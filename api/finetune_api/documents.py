@@ -7,11 +7,14 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from . import API_VERSION, KIND
 from .reader import Document, Problem, iter_values, read_stream
 from .validation import validate
+
+if TYPE_CHECKING:
+    from .model import FineTuneJob
 
 # What `kubectl apply -f DIR` reads of a directory.
 EXTENSIONS = (".yaml", ".yml", ".json")
@@ -106,12 +109,14 @@ class JobFileError(Exception):
         super().__init__("; ".join(str(p) for p in problems))
 
 
-def load_jobs(paths: Iterable[str], *, recursive: bool = False) -> list[tuple[Source, object]]:
+def load_jobs(paths: Iterable[str], *,
+              recursive: bool = False) -> list[tuple[Source, "FineTuneJob"]]:
     """Every FineTuneJob of the given files, admitted and defaulted (FineTuneJob objects),
     with the source each came from; other kinds are passed over. Raises JobFileError."""
     from .model import FineTuneJob
 
-    jobs: list[tuple[Source, object]] = []
+    paths = list(paths)
+    jobs: list[tuple[Source, FineTuneJob]] = []
     file_problems: list[Problem] = []
     job_problems: list[Problem] = []
     for source in read_sources(paths, recursive=recursive):

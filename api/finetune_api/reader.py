@@ -44,6 +44,7 @@ import yaml
 # and 100 leaves it room while keeping every recursive reader downstream (the validator,
 # CEL, json.dumps in the operator) far from Python's recursion limit.
 MAX_DEPTH = 100
+# What aliases may repeat in one document: a "billion laughs" file is mostly repetition.
 MAX_NODES = 100_000
 
 _INT64 = 2 ** 63
@@ -449,7 +450,7 @@ def _read_yaml(text: str, source: str) -> tuple[list[Document], list[Problem]]:
         problems.append(Problem(source, f"not valid YAML: unacceptable character "
                                         f"#x{exc.character:04x}: special characters are not "
                                         "allowed", line=text.count("\n", 0, exc.position) + 1))
-        if docs and not composer_done(composer):
+        if docs and not _composer_done(composer):
             docs.pop()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -458,12 +459,12 @@ def _read_yaml(text: str, source: str) -> tuple[list[Document], list[Problem]]:
         message = f"not valid YAML: {reason}" + (f" ({context})" if context else "")
         problems.append(Problem(source, " ".join(message.split()),
                                 line=mark.line + 1 if mark else None))
-        if docs and not composer_done(composer):
+        if docs and not _composer_done(composer):
             docs.pop()  # the document the error cut short
     return docs, problems
 
 
-def composer_done(composer: _Composer | None) -> bool:
+def _composer_done(composer: _Composer | None) -> bool:
     return composer is not None and composer.done
 
 

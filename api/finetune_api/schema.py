@@ -380,11 +380,10 @@ METADATA = {
 # At admission the API server has already turned a generateName into a name, so the name rules
 # see every job; the generateName rule is for files read offline (`finetune validate`).
 ROOT_RULES = (
-    rule(f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
-         "must be lower-case letters, digits and '-', starting and ending with a letter or "
-         "digit (it names the RayCluster, its Services and pods)", ".metadata.name"),
-    rule(f"!has(self.metadata.name) || size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-         f"may not be more than {MAX_NAME_LENGTH} characters (it names the RayCluster, its "
+    rule(f"!has(self.metadata.name) || (size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
+         f"self.metadata.name.matches('{DNS_LABEL_PATTERN}'))",
+         f"must be no more than {MAX_NAME_LENGTH} characters of lower-case letters, digits "
+         "and '-', starting and ending with a letter or digit (it names the RayCluster, its "
          "Services and pods)", ".metadata.name"),
     rule("has(self.metadata.name) || !has(self.metadata.generateName) || "
          f"(size(self.metadata.generateName) <= {MAX_GENERATE_NAME_LENGTH} && "
