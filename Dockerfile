@@ -10,6 +10,7 @@ WORKDIR /src
 # README.m[d]: copied when present (pyproject's readme), without failing when it is not.
 COPY pyproject.toml README.m[d] ./
 COPY api/ api/
+COPY cli/ cli/
 COPY operator/ operator/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \

@@ -270,7 +270,7 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
             if os.environ.get("BENCH_PROFILE"):
                 # Where the CPU goes (not for the reported figures: the profiler slows it down).
                 argv = [sys.executable, "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"],
-                        "-m", "finetune_api.cli", "operator", *flags]
+                        "-m", "finetune_cli", "operator", *flags]
         op = Child(argv, workdir / f"operator-{ns}.log", env, first_line=False)
         try:
             wait_http_ok(f"http://127.0.0.1:{live_port}/healthz", 60, op)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
+from .reader import dump, read_one
 from .validation import admit
 
 
@@ -178,12 +177,13 @@ class FineTuneJob:
                    spec=Spec.from_dict(admitted["spec"]), document=admitted)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "FineTuneJob":
-        return cls.from_document(yaml.safe_load(text))
+    def from_yaml(cls, text: str | bytes, source: str = "<job>") -> "FineTuneJob":
+        """One job from YAML or JSON text, read as kubectl reads it (reader.ReadError)."""
+        return cls.from_document(read_one(text, source))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "FineTuneJob":
-        return cls.from_yaml(Path(path).read_text())
+        return cls.from_yaml(Path(path).read_bytes(), str(path))
 
     @property
     def run_name(self) -> str:
@@ -199,4 +199,4 @@ class FineTuneJob:
         return f"{self.checkpoint_run_uri}/final"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.document, sort_keys=False)
+        return dump(self.document)  # quoted where kubectl would read a string otherwise

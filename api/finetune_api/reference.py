@@ -53,9 +53,11 @@ def _rows(schema: Schema, path: str, required: set[str], rows: list[str], rules:
 
 
 def render_reference() -> str:
-    spec = openapi_schema()["properties"]["spec"]
+    root = openapi_schema()
+    spec = root["properties"]["spec"]
     rows: list[str] = []
-    rules: list[str] = []
+    rules: list[str] = [f"| `{r['fieldPath'].lstrip('.')}` | {_cell(r['message'])} | "
+                        f"`{_cell(r['rule'])}` |" for r in root["x-kubernetes-validations"]]
     _rows(spec, "spec", set(spec.get("required", [])), rows, rules)
     status_rows: list[str] = []
     _rows(openapi_schema()["properties"]["status"], "status", set(), status_rows, [])

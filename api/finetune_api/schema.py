@@ -20,6 +20,10 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
 # A Kubernetes resource quantity, as the API server's own regex for `quantity` has it.
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# The job's name is its RayCluster's, and KubeRay derives Service and pod names (DNS labels of
+# at most 63 characters) from it; the API server adds 5 characters to a generateName.
+MAX_NAME_LENGTH = 45
+MAX_GENERATE_NAME_LENGTH = MAX_NAME_LENGTH - 5
 
 
 def _uri_pattern(schemes: tuple[str, ...]) -> str:
@@ -201,7 +205,7 @@ RESOURCES = obj(
                                  minimum=0, maximum=16, default=1),
         "cpusPerWorker": integer("CPU cores per worker pod.", minimum=1, default=8),
         "memoryPerWorker": string("Memory per worker pod, as a Kubernetes quantity.",
-                                  pattern=QUANTITY_PATTERN, default="32Gi"),
+                                  pattern=QUANTITY_PATTERN, maxLength=64, default="32Gi"),
         "image": string("Trainer image; empty takes the operator's default."),
         "nodeSelector": {
             "type": "object",
@@ -216,6 +220,12 @@ RESOURCES = obj(
         },
         "priorityClassName": string("PriorityClass of the worker pods."),
     },
+    rules=(
+        # The pattern admits any quantity; a size must be more than zero (its mantissa, the
+        # digits before any suffix or exponent, has a non-zero digit and no sign).
+        rule("self.memoryPerWorker.matches('^[+]?[0-9.]*[1-9]')",
+             "memoryPerWorker must be more than zero", ".memoryPerWorker"),
+    ),
     default={},
 )
 
@@ -357,6 +367,33 @@ PRINTER_COLUMNS = [
 ]
 
 
+# ObjectMeta is the API server's; a CRD may only constrain name and generateName, and only
+# root-level rules see them (declared here so the rules' fieldPath names an existing field).
+METADATA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 253},
+        "generateName": {"type": "string", "maxLength": 253},
+    },
+}
+
+# At admission the API server has already turned a generateName into a name, so the name rules
+# see every job; the generateName rule is for files read offline (`finetune validate`).
+ROOT_RULES = (
+    rule(f"!has(self.metadata.name) || (size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
+         f"self.metadata.name.matches('{DNS_LABEL_PATTERN}'))",
+         f"must be no more than {MAX_NAME_LENGTH} characters of lower-case letters, digits "
+         "and '-', starting and ending with a letter or digit (it names the RayCluster, its "
+         "Services and pods)", ".metadata.name"),
+    rule("has(self.metadata.name) || !has(self.metadata.generateName) || "
+         f"(size(self.metadata.generateName) <= {MAX_GENERATE_NAME_LENGTH} && "
+         "self.metadata.generateName.matches('^[a-z0-9][-a-z0-9]*$'))",
+         f"must be lower-case letters, digits and '-', starting with a letter or digit, and "
+         f"at most {MAX_GENERATE_NAME_LENGTH} characters (the API server adds 5 to make the "
+         "name)", ".metadata.generateName"),
+)
+
+
 def openapi_schema() -> Schema:
     """The FineTuneJob's openAPIV3Schema, as the CRD carries it."""
     return {
@@ -365,9 +402,10 @@ def openapi_schema() -> Schema:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": METADATA,
             "spec": SPEC,
             "status": STATUS,
         },
         "required": ["spec"],
+        "x-kubernetes-validations": list(ROOT_RULES),
     }

@@ -20,11 +20,6 @@ import celpy
 from . import API_VERSION, KIND
 from .schema import Schema, openapi_schema
 
-NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# The job name becomes the RayCluster's name, and KubeRay derives Service and pod names from
-# it, which must stay within 63 characters.
-MAX_NAME_LENGTH = 45
-
 
 @dataclass(frozen=True)
 class FieldError:
@@ -91,6 +86,11 @@ class _Validator:
         extra = schema.get("additionalProperties")
         out: dict[str, Any] = {}
         for key, item in value.items():
+            if not path and key == "metadata":
+                # ObjectMeta is the API server's own type, never pruned by the CRD's schema
+                # (which may only constrain its name and generateName).
+                out[key] = item
+                continue
             child = (props or {}).get(key)
             if child is None and isinstance(extra, dict):
                 child = extra
@@ -164,22 +164,40 @@ class _Validator:
                 if child is not None:
                     self.check(item, child, f"{path}.{key}" if path else key)
         ok = len(self.errors) == before
-        if ok and self.rules:
+        if self.rules and (ok or not path and self._metadata_sound(value, before)):
             self.run_rules(value, schema, path)
         return ok
+
+    def _metadata_sound(self, doc: Any, before: int) -> bool:
+        # Root rules read only metadata.name/generateName (all that a CRD's rules may see of
+        # ObjectMeta), so they run whenever metadata is sound, next to errors in the spec.
+        return isinstance(doc, dict) and isinstance(doc.get("metadata"), dict) and not any(
+            e.path.startswith("metadata") for e in self.errors[before:])
 
     # -- CEL ---------------------------------------------------------------------------------
     def run_rules(self, value: Any, schema: Schema, path: str) -> None:
         for spec in schema.get("x-kubernetes-validations", []):
             program = _compiled(spec["rule"])
+            reads = _top_level_reads(spec["rule"]) if not path else None
+            seen = value if reads is None else {  # a root rule converts only what it reads
+                key: value[key] for key in reads if key in value}
             try:
-                result = program.evaluate({"self": celpy.json_to_cel(value)})
+                result = program.evaluate({"self": celpy.json_to_cel(seen)})
             except Exception as exc:  # a rule that cannot evaluate is an admission error too
                 self.error(path, f"Invalid value: rule {spec['rule']!r} failed: {exc}")
                 continue
             if isinstance(result, Exception) or not bool(result):
-                field = path + spec.get("fieldPath", "")
+                field = (path + spec.get("fieldPath", "")).lstrip(".")
                 self.error(field or path, f"Invalid value: {spec['message']}")
+
+
+@lru_cache(maxsize=None)
+def _top_level_reads(expression: str) -> frozenset[str] | None:
+    """The fields of `self` a rule names (`self.metadata...`), None when it uses `self` whole."""
+    uses = re.findall(r"\bself\b(\.[A-Za-z_][A-Za-z0-9_]*)?", expression)
+    if any(not use for use in uses):
+        return None
+    return frozenset(use[1:] for use in uses)
 
 
 @lru_cache(maxsize=None)
@@ -197,19 +215,11 @@ def _check_header(doc: dict[str, Any]) -> list[FieldError]:
         errors.append(FieldError("kind", f"Unsupported value: {_describe(doc.get('kind'))}: "
                                  f"must be {KIND}"))
     metadata = doc.get("metadata")
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not name and not (isinstance(metadata, dict) and metadata.get("generateName")):
+    if not isinstance(metadata, dict) or not (metadata.get("name")
+                                              or metadata.get("generateName")):
+        # Only the API server can say this one: CEL never sees a job without a name.
         errors.append(FieldError("metadata.name", "Required value: name or generateName is "
                                  "required"))
-    elif name:
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            errors.append(FieldError("metadata.name", f"Invalid value: {_describe(name)}: must "
-                                     "be lower-case letters, digits and '-', starting and "
-                                     "ending with a letter or digit"))
-        elif len(name) > MAX_NAME_LENGTH:
-            errors.append(FieldError("metadata.name", f"Too long: may not be more than "
-                                     f"{MAX_NAME_LENGTH} characters (it names the RayCluster "
-                                     "and its pods)"))
     return errors
 
 

@@ -251,6 +251,9 @@ class _Rule:
     field_path: str | None
     reason: str
     transition: bool
+    # The top-level fields a root-level rule reads (None: all, as `self` is used whole); the
+    # others are left out of its context, which costs a conversion per field per object.
+    reads: frozenset[str] | None = None
 
 
 class CrdSchemaValidator:
@@ -305,6 +308,7 @@ class CrdSchemaValidator:
                     message=rule.get('message'), field_path=rule.get('fieldPath'),
                     reason=rule.get('reason', 'FieldValueInvalid'),
                     transition='oldSelf' in rule['rule'],
+                    reads=_top_level_reads(rule['rule']),
                 ) for rule in rules]
             for value in schema.values():
                 self._compile_rules(value)
@@ -361,6 +365,13 @@ class CrdSchemaValidator:
                 if len(self._verdicts) >= 4096:
                     self._verdicts.pop(next(iter(self._verdicts)))
                 self._verdicts[cache_key] = causes
+        if not causes and self._rules.get(id(self._body_schema)):
+            # Root-level rules also see metadata.name and generateName (and nothing else of
+            # ObjectMeta): evaluated per object, outside the memo, as names differ.
+            names = {key: metadata[key] for key in ('name', 'generateName')
+                     if isinstance(metadata, dict) and key in metadata}
+            causes = self._evaluate_node({**body, 'metadata': names}, self._body_schema, (),
+                                         old_body, unchanged)
         if causes:
             raise AdmissionError(list(causes))
         body['metadata'] = metadata
@@ -382,31 +393,49 @@ class CrdSchemaValidator:
 
     def _evaluate_rules(self, body: dict[str, Any], old_body: dict[str, Any] | None,
                         unchanged: frozenset[str] = frozenset()) -> list[Cause]:
+        """The rules of every node but the root (see admit)."""
         causes: list[Cause] = []
         for value, schema, keys in self._walker.cel_nodes(body, self._body_schema):
-            path = format_path(keys)
-            ratcheted = bool(keys) and keys[0] in unchanged
-            for rule in self._rules.get(id(schema), []):
-                if ratcheted and not rule.transition:
-                    continue  # an unchanged value; rules that compare with oldSelf still run
-                context: dict[str, Any] = {'self': value}
-                if rule.transition:
-                    old_value = _lookup(old_body, path)
-                    if old_value is None:
-                        continue  # transition rules only run on updates of an existing value
-                    context['oldSelf'] = old_value
-                field = _expand_field_path(path, rule.field_path) if rule.field_path else path
-                try:
-                    ok = rule.program.execute(context)
-                except Exception as exc:  # a rule erroring at runtime is a validation failure too
-                    causes.append(Cause(field, f'Invalid value: "{_type_name(value)}": '
-                                               f'rule evaluation error: {exc}', rule.reason))
-                    continue
-                if ok is not True:
-                    message = rule.message or f'failed rule: {rule.source}'
-                    causes.append(Cause(field, f'Invalid value: "{_type_name(value)}": {message}',
-                                        rule.reason))
+            if keys:
+                causes += self._evaluate_node(value, schema, keys, old_body, unchanged)
         return causes
+
+    def _evaluate_node(self, value: Any, schema: dict[str, Any], keys: tuple[str | int, ...],
+                       old_body: dict[str, Any] | None, unchanged: frozenset[str]) -> list[Cause]:
+        causes: list[Cause] = []
+        path = format_path(keys)
+        ratcheted = bool(keys) and keys[0] in unchanged
+        for rule in self._rules.get(id(schema), []):
+            if ratcheted and not rule.transition:
+                continue  # an unchanged value; rules that compare with oldSelf still run
+            context: dict[str, Any] = {'self': value}
+            if not keys and rule.reads is not None:
+                context['self'] = {key: value[key] for key in rule.reads if key in value}
+            if rule.transition:
+                old_value = _lookup(old_body, path)
+                if old_value is None:
+                    continue  # transition rules only run on updates of an existing value
+                context['oldSelf'] = old_value
+            field = _expand_field_path(path, rule.field_path) if rule.field_path else path
+            try:
+                ok = rule.program.execute(context)
+            except Exception as exc:  # a rule erroring at runtime is a validation failure too
+                causes.append(Cause(field, f'Invalid value: "{_type_name(value)}": '
+                                           f'rule evaluation error: {exc}', rule.reason))
+                continue
+            if ok is not True:
+                message = rule.message or f'failed rule: {rule.source}'
+                causes.append(Cause(field, f'Invalid value: "{_type_name(value)}": {message}',
+                                    rule.reason))
+        return causes
+
+
+def _top_level_reads(source: str) -> frozenset[str] | None:
+    """The fields of `self` a rule names (`self.spec...`), or None when it uses `self` whole."""
+    uses = re.findall(r'\bself\b(\.[A-Za-z_][A-Za-z0-9_]*)?', source)
+    if any(not use for use in uses):
+        return None
+    return frozenset(use[1:] for use in uses)
 
 
 def _lookup(body: Any, path: str) -> Any:

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-import yaml
+from finetune_api.reader import dump_all
 
 from .cases import BAD, GOOD
 
+# The console script pip installed: what a pipeline runs.
+FINETUNE = Path(sys.executable).with_name("finetune")
 
-def run_validate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", *args],
-                          capture_output=True, text=True, timeout=60)
+
+def run_validate(*args: str, stdin: str | bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FINETUNE), "validate", *args], input=stdin,
+                          capture_output=True, text=isinstance(stdin, (str, type(None))),
+                          timeout=60)
 
 
 def test_all_good_documents_pass(tmp_path):
     path = tmp_path / "good.yaml"
-    path.write_text(yaml.safe_dump_all(list(GOOD.values())))
+    path.write_text(dump_all(list(GOOD.values())))
     result = run_validate(str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
@@ -26,26 +31,29 @@ def test_all_good_documents_pass(tmp_path):
 
 def test_every_bad_document_gets_a_line_naming_document_field_and_reason(tmp_path):
     names = sorted(BAD)
-    docs = []
+    docs, labels = [], []
     for name in names:
-        doc, _ = BAD[name]
-        doc = dict(doc, metadata={"name": name})
+        doc, field = BAD[name]
+        if not field.startswith("metadata."):  # the case's own name is what it is about
+            doc = dict(doc, metadata={"name": name})
         docs.append(doc)
+        meta = doc["metadata"]
+        labels.append(f"FineTuneJob/{meta.get('name') or meta.get('generateName')}")
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump_all(docs))
+    path.write_text(dump_all(docs))
     result = run_validate(str(path))
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     for index, name in enumerate(names, start=1):
         field = BAD[name][1]
-        prefix = f"{path}#{index} FineTuneJob/{name}: {field}: "
+        prefix = f"{path}#{index} {labels[index - 1]}: {field}: "
         assert any(line.startswith(prefix) for line in lines), (name, lines)
 
 
 def test_other_kinds_are_reported_not_passed(tmp_path):
     path = tmp_path / "mixed.yaml"
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
-    path.write_text(yaml.safe_dump_all([GOOD["base"], secret]))
+    path.write_text(dump_all([GOOD["base"], secret]))
     result = run_validate(str(path))
     assert result.returncode == 1
     assert f"{path}#2 Secret/s3: not a FineTuneJob" in result.stdout

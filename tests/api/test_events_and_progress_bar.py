@@ -7,7 +7,7 @@ import io
 import pytest
 
 from finetune_api.events import format_event, parse_event_line, parse_events
-from finetune_api.progress_bar import ProgressBar, render_bar
+from finetune_cli.progress_bar import ProgressBar, render_bar
 
 
 def test_events_survive_ray_log_prefixes():

@@ -101,7 +101,7 @@ def test_dockerignore_keeps_the_context_small():
     for path in (".venv/bin/python", ".git/HEAD", "tests/chart/test_chart.py", "charts",
                  "operator/finetune_operator/__pycache__/main.cpython-311.pyc"):
         assert dockerignored(path), path
-    for path in ("pyproject.toml", "api/finetune_api/cli.py",
+    for path in ("pyproject.toml", "cli/finetune_cli/main.py",
                  "trainer_image/finetune_trainer/entrypoint.py"):
         assert not dockerignored(path), path
 
@@ -119,7 +119,7 @@ def test_entrypoints_are_console_scripts():
 
 def _run_cli_capturing_settings(monkeypatch, argv):
     import finetune_operator.main
-    from finetune_api import cli
+    from finetune_cli import main as cli
 
     seen = []
     monkeypatch.setattr(finetune_operator.main, "run", lambda settings: seen.append(settings))
@@ -153,7 +153,7 @@ def test_operator_extra_has_no_ml_stack():
 
 
 def test_operator_modules_do_not_import_the_ml_stack():
-    code = ("import sys, finetune_operator.main, finetune_api.cli; "
+    code = ("import sys, finetune_operator.main, finetune_cli.main; "
             f"bad = {sorted(ML_STACK)!r}; "
             "loaded = [m for m in bad if m in sys.modules]; "
             "assert not loaded, loaded")
@@ -228,7 +228,7 @@ def test_operator_extra_installs_cleanly_without_torch(tmp_path):
     # A copy of the sources, as the image's build context has them (no egg-info, no .venv).
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "api", "operator"):
+    for name in ("pyproject.toml", "api", "cli", "operator"):
         subprocess.run(["cp", "-r", str(REPO / name), str(src / name)], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                     str(src) + "[operator]"], check=True, timeout=800)

@@ -10,26 +10,23 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def load_job(args):
-    """The job from --job FILE or $FINETUNE_JOB (YAML or JSON text)."""
-    import yaml
-
+    """The job from --job FILE or $FINETUNE_JOB (YAML or JSON text), read as kubectl reads
+    it (finetune_api.reader: one-line problems naming the field)."""
     from finetune_api.model import FineTuneJob
+    from finetune_api.reader import read_one
 
     if args.job:
         try:
-            with open(args.job) as f:
-                text = f.read()
+            with open(args.job, "rb") as f:
+                data: bytes | str = f.read()
         except OSError as exc:
             raise FileNotFoundError(f"cannot read job file {args.job}: {exc.strerror}") from None
+        source = args.job
     elif os.environ.get("FINETUNE_JOB"):
-        text = os.environ["FINETUNE_JOB"]
+        data, source = os.environ["FINETUNE_JOB"], "FINETUNE_JOB"
     else:
         raise FileNotFoundError("no job given: pass --job FILE or set FINETUNE_JOB")
-    try:
-        doc = yaml.safe_load(text)  # JSON is YAML
-    except yaml.YAMLError as exc:
-        raise ValueError(f"the job is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
-    return FineTuneJob.from_document(doc)
+    return FineTuneJob.from_document(read_one(data, source))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,90 +5,27 @@ operator image) and `finetune run` never loads kopf."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from . import API_VERSION, KIND
-from .documents import check_files
-from .progress_bar import ProgressBar
-
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    problems, checked = check_files(args.files, allow_other_kinds=args.skip_other_kinds)
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"{len(problems)} problem(s) in {checked} document(s)", file=sys.stderr)
-        return 1
-    print(f"{checked} FineTuneJob document(s) valid", file=sys.stderr)
-    return 0
+    from .validate import cmd_validate
 
-
-def _load_one_job(path: str):
-    from .model import FineTuneJob
-    from .validation import ValidationError
-
-    try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-    except (OSError, yaml.YAMLError) as exc:
-        raise SystemExit(f"finetune: cannot read {path}: {exc}")
-    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
-    if len(jobs) != 1:
-        raise SystemExit(f"finetune: {path} must hold exactly one {KIND} "
-                         f"({API_VERSION}); it holds {len(jobs)}")
-    try:
-        return FineTuneJob.from_document(jobs[0])
-    except ValidationError as exc:
-        for error in exc.errors:
-            print(f"{path}: {error}", file=sys.stderr)
-        raise SystemExit(2)
+    return cmd_validate(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    _load_one_job(args.job)  # fail fast, before any Ray start, on an invalid file
-    command = [sys.executable, "-m", "finetune_trainer", "--job", args.job]
-    if args.fresh:
-        command.append("--fresh")
-    env = dict(os.environ)
-    if args.address:
-        env["RAY_ADDRESS"] = args.address
-    if sys.stdout.isatty() and not args.plain:
-        return _run_with_progress_bar(command, env)
-    return subprocess.call(command, env=env)
+    from .run import cmd_run
 
-
-def _run_with_progress_bar(command: list[str], env: dict[str, str]) -> int:
-    """In a terminal, the trainer's JSON events become a live bar; other lines still show."""
-    bar = ProgressBar(sys.stdout)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            bar.feed(line)
-    except KeyboardInterrupt:
-        proc.terminate()
-    bar.close()
-    return proc.wait()
+    return cmd_run(args)
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from finetune_operator.render import render_job
-    from finetune_operator.settings import Settings
+    from .render import cmd_render
 
-    job = _load_one_job(args.job)
-    settings = Settings.from_env()
-    if args.image:
-        settings = dataclasses.replace(settings, default_image=args.image)
-    manifests = render_job(job, settings)
-    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
-    return 0
+    return cmd_render(args)
 
 
 def _run_operator(argv: Sequence[str]) -> int:
@@ -108,7 +45,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    from .crd import render_crd, write_crd
+    from finetune_api.crd import render_crd, write_crd
 
     if args.write:
         for path in write_crd(*args.write):
@@ -119,7 +56,7 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:
-    from .reference import render_reference
+    from finetune_api.reference import render_reference
 
     text = render_reference()
     if args.write:
@@ -134,8 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check FineTuneJob files offline (for CI/GitOps)")
-    p.add_argument("files", nargs="+", help="YAML files, each with one or more documents")
+    p = sub.add_parser("validate", help="check FineTuneJob files offline, as kubectl and the "
+                                        "API server would (for CI/GitOps)")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="YAML or JSON files of one or more documents, directories of them "
+                        "(*.yaml, *.yml, *.json), or - for standard input")
+    p.add_argument("-R", "--recursive", action="store_true",
+                   help="read the directories' subdirectories too")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                   help="json: a list of {file, document, line, object, field, message} "
+                        "(for CI annotations)")
     p.add_argument("--skip-other-kinds", action="store_true",
                    help="report documents of other kinds as skipped instead of as errors")
     p.set_defaults(func=_cmd_validate)
@@ -149,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="no progress bar: print the log")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("render", help="print what the operator would create for a job")
-    p.add_argument("job")
+    p = sub.add_parser("render", help="print what the operator would create for every job "
+                                      "given")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="files, directories or - (standard input), as for validate")
+    p.add_argument("-R", "--recursive", action="store_true",
+                   help="read the directories' subdirectories too")
     p.add_argument("--image", help="trainer image when the job names none")
     p.set_defaults(func=_cmd_render)
 

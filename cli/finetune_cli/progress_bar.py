@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .events import parse_event_line
+from finetune_api.events import parse_event_line
 
 
 def _duration(seconds: float | None) -> str:
