@@ -402,16 +402,13 @@ def test_bearer_token_is_required_and_calls_are_recorded(kube):
 
 # -- scale --
 
-def test_a_thousand_jobs_stay_cheap(kube):
-    started = time.perf_counter()
+def test_a_thousand_jobs_are_stored_and_listed(kube):
+    # What 1,000 jobs cost the emulator is measured by `bench operator_scale`, not timed here.
     for i in range(1000):
         kube.create(job(f'job-{i}'), 'finetunejobs')
-    created = time.perf_counter() - started
-    started = time.perf_counter()
-    assert len(kube.list(FTJ, 'finetunejobs', 'default')) == 1000
+    listed = kube.list(FTJ, 'finetunejobs', 'default')
+    assert sorted(j['metadata']['name'] for j in listed) == sorted(f'job-{i}' for i in range(1000))
     assert kube.get(FTJ, 'finetunejobs', 'job-999', 'default')['metadata']['name'] == 'job-999'
-    listed = time.perf_counter() - started
-    assert created < 6 and listed < 1, (created, listed)
 
 
 # -- the KubeRay stand-in (its published head address is a placeholder here; see the e2e test) --
