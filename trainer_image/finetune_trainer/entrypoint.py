@@ -14,6 +14,7 @@ def load_job(args):
     import yaml
 
     from finetune_api.model import FineTuneJob
+    from finetune_api.status import JOB_ENV
 
     if args.job:
         try:
@@ -21,10 +22,10 @@ def load_job(args):
                 text = f.read()
         except OSError as exc:
             raise FileNotFoundError(f"cannot read job file {args.job}: {exc.strerror}") from None
-    elif os.environ.get("FINETUNE_JOB"):
-        text = os.environ["FINETUNE_JOB"]
+    elif os.environ.get(JOB_ENV):
+        text = os.environ[JOB_ENV]
     else:
-        raise FileNotFoundError("no job given: pass --job FILE or set FINETUNE_JOB")
+        raise FileNotFoundError(f"no job given: pass --job FILE or set {JOB_ENV}")
     try:
         doc = yaml.safe_load(text)  # JSON is YAML
     except yaml.YAMLError as exc:
@@ -41,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fresh = args.fresh or os.environ.get("FINETUNE_FRESH", "") in ("1", "true", "yes")
 
-    from .errors import EXIT_INVALID_JOB
+    from .errors import InvalidJobError
     from .launcher import fail, run_job
 
     try:
         job = load_job(args)
     except Exception as exc:  # ValidationError lists every bad field in its message
-        return fail("InvalidJob", " ".join(str(exc).split()), EXIT_INVALID_JOB)
+        return fail(InvalidJobError.reason, " ".join(str(exc).split()), InvalidJobError.exit_code)
     return run_job(job, fresh=fresh)
 
 
