@@ -60,10 +60,14 @@ def _words(title: str, column: str, words: type[Vocabulary]) -> list[str]:
 
 def vocabulary_section() -> list[str]:
     """The status vocabulary (finetune_api.status): what each word the operator writes means."""
+    retried = {True: "yes", False: "no"}
     exits = [f"| {e.code} | {f'`{e.reason}`' if e.reason else ''} | "
-             f"{'' if not e.reason else 'yes' if e.retryable else 'no'} | {_cell(e.meaning)} |" for e in EXITS.values()]
+             f"{retried[e.retryable] if e.reason else ''} | {_cell(e.meaning)} |"
+             for e in EXITS.values()]
     return [
-        "## Status vocabulary (from `api/finetune_api/status.py`)",
+        "## Status vocabulary",
+        "",
+        "The words of `status` and of the operator's Events, from `api/finetune_api/status.py`.",
         "",
         *_words("Phases (`status.phase`)", "phase", Phase),
         *_words("Condition types (`status.conditions[].type`)", "type", ConditionType),

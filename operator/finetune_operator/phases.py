@@ -16,7 +16,11 @@ cluster, resume after suspension) gets the next id (`-a<N+1>`); the `Submitted` 
 says whether the current id was submitted.
 
 Reading the trainer's progress from the Ray job's log is part of observing (the reconciler
-does it before calling `decide`), so it is not an action here.
+does it before calling `decide`), so it is not an action here. A pass decides once: a
+submission carries its outcomes (`Decision.after_submit`), which Ray's answer right after
+it picks; the deletion clean-up and a spec the validator refuses are decisions of this
+machine too. The words (phases, condition types, reasons) are the contract's
+(`finetune_api.status`).
 """
 
 from __future__ import annotations
@@ -193,6 +197,11 @@ def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _provisioning(phase: str) -> str:
+    """The phase while a cluster or a Ray job comes up: a retry stays Retrying."""
+    return Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING
 
 
 def _cleanup_actions(job: FineTuneJob, phase: str, cluster: ClusterState) -> list[Action]:
@@ -388,7 +397,7 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
             return _cluster_gone(obs, phase, sub_id, retries)
         case ClusterState.PROVISIONING:
             msg = "Waiting for the RayCluster to become ready"
-            d = Decision(phase=Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING, message=msg)
+            d = Decision(phase=_provisioning(phase), message=msg)
             d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_PROVISIONING,
                                           msg))
             return d
@@ -402,8 +411,8 @@ def _cluster_gone(obs: Observed, phase: str, sub_id: str | None, retries: int) -
     actions: list[Action] = [DeleteCluster()] if failed else [CreateCluster()]
     # An attempt that was running on the lost cluster is lost with it and counts as a
     # failed attempt, so a cluster that keeps breaking ends in Failed, not in a loop.
-    lost_attempt = phase in (Phase.RUNNING, Phase.PROVISIONING, Phase.RETRYING) and sub_id is not None \
-        and status_submitted(obs.status)
+    lost_attempt = phase in (Phase.RUNNING, Phase.PROVISIONING, Phase.RETRYING) \
+        and sub_id is not None and status_submitted(obs.status)
     if lost_attempt:
         reason = Reason.CLUSTER_FAILED if failed else Reason.CLUSTER_LOST
         if retries >= job.spec.run_policy.backoff_limit:
@@ -427,7 +436,7 @@ def _cluster_gone(obs: Observed, phase: str, sub_id: str | None, retries: int) -
         d.events.append(Event("Warning", Reason.CLUSTER_FAILED, msg))
         return d
     msg = "Creating the RayCluster"
-    d = Decision(phase=Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING, message=msg,
+    d = Decision(phase=_provisioning(phase), message=msg,
                  actions=actions)
     d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_CREATING, msg))
     if phase == Phase.PENDING:
@@ -444,7 +453,7 @@ def _ray_job_active(obs: Observed, phase: str, sub_id: str, state: RayJobState) 
                           f"Submitted Ray job {sub_id}")
     if state == RayJobState.PENDING:
         msg = f"Ray job {sub_id} is starting"
-        d = Decision(phase=Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING,
+        d = Decision(phase=_provisioning(phase),
                      message=msg)
         d.status["rayJobId"] = sub_id
         d.conditions += [ready, submitted]
@@ -488,13 +497,12 @@ def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) 
                 # that submits on an already ready cluster: a restarted operator's, a resumed
                 # job's): this pass stores it, the next one, at once, submits.
                 msg = f"The RayCluster is ready; submitting Ray job {sub_id}"
-                d = Decision(phase=Phase.RETRYING if phase == Phase.RETRYING
-                             else Phase.PROVISIONING, message=msg)
+                d = Decision(phase=_provisioning(phase), message=msg)
                 d.conditions.append(ready)
                 d.requeue_after = 0.0
                 return d
             msg = f"Submitted Ray job {sub_id}"
-            d = Decision(phase=Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING,
+            d = Decision(phase=_provisioning(phase),
                          message=msg, actions=[Submit(sub_id)])
             d.status["rayJobId"] = sub_id
             d.conditions += [ready, Condition(Cond.SUBMITTED, "True", Reason.JOB_SUBMITTED, msg)]
