@@ -6,6 +6,7 @@ import json
 
 from . import API_VERSION, KIND
 from .schema import Schema, openapi_schema
+from .status import EXITS, ConditionType, Phase, Reason, Vocabulary
 
 
 def _type(schema: Schema) -> str:
@@ -52,6 +53,34 @@ def _rows(schema: Schema, path: str, required: set[str], rows: list[str], rules:
                   rows, rules)
 
 
+def _words(title: str, column: str, words: type[Vocabulary]) -> list[str]:
+    return [f"### {title}", "", f"| {column} | meaning |", "|---|---|",
+            *(f"| `{w}` | {_cell(m)} |" for w, m in words.meanings.items()), ""]
+
+
+def vocabulary_section() -> list[str]:
+    """The status vocabulary (finetune_api.status): what each word the operator writes means."""
+    retried = {True: "yes", False: "no"}
+    exits = [f"| {e.code} | {f'`{e.reason}`' if e.reason else ''} | "
+             f"{retried[e.retryable] if e.reason else ''} | {_cell(e.meaning)} |"
+             for e in EXITS.values()]
+    return [
+        "## Status vocabulary",
+        "",
+        "The words of `status` and of the operator's Events, from `api/finetune_api/status.py`.",
+        "",
+        *_words("Phases (`status.phase`)", "phase", Phase),
+        *_words("Condition types (`status.conditions[].type`)", "type", ConditionType),
+        *_words("Reasons (of conditions and Events)", "reason", Reason),
+        "### Trainer exit codes (`finetune-train`, `finetune run`)",
+        "",
+        "| code | reason | retried | meaning |",
+        "|---|---|---|---|",
+        *exits,
+        "",
+    ]
+
+
 def render_reference() -> str:
     root = openapi_schema()
     spec = root["properties"]["spec"]
@@ -64,7 +93,8 @@ def render_reference() -> str:
     return "\n".join([
         f"# {KIND} spec reference (`{API_VERSION}`)",
         "",
-        "Generated from `api/finetune_api/schema.py` by `finetune docs`; do not edit by hand.",
+        "Generated from `api/finetune_api/schema.py` and `status.py` by `finetune docs`; do not "
+        "edit by hand.",
         "The same schema is the CRD in `crds/` and the validator of `finetune validate`.",
         "",
         "## Fields",
@@ -85,4 +115,5 @@ def render_reference() -> str:
         "|---|---|---|---|---|---|",
         *status_rows,
         "",
-    ])
+        *vocabulary_section(),
+    ]).rstrip("\n") + "\n"

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .status import ConditionType, Phase, S3Secret
+
 Schema = dict[str, Any]
 
 URI_SCHEMES_MODEL = ("hf", "s3", "file")
 URI_SCHEMES_DATA = ("s3", "file")
 URI_SCHEMES_CHECKPOINT = ("s3", "file")
-PHASES = ("Pending", "Provisioning", "Running", "Retrying", "Suspended", "Succeeded", "Failed")
+PHASES = Phase.words()
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 # A Kubernetes resource quantity, as the API server's own regex for `quantity` has it.
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -245,8 +247,9 @@ S3 = obj(
     "S3 access for s3:// URIs.",
     {
         "secretRef": string("Name of a Secret in the job's namespace with the keys "
-                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
-                            "AWS_SESSION_TOKEN). Empty uses the pods' own identity.",
+                            f"{' and '.join(S3Secret.REQUIRED)} (and optionally "
+                            f"{', '.join(S3Secret.OPTIONAL)}). Empty uses the pods' own "
+                            "identity.",
                             pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", maxLength=253),
         "endpoint": string("S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty "
                            "for AWS.", pattern=r"^$|^https?://[^\s/]+(/.*)?$"),
@@ -304,7 +307,7 @@ SPEC = obj(
 CONDITION = obj(
     "An observation of the job's state.",
     {
-        "type": string("Ready, ClusterReady, Submitted, Progressing, Succeeded, Failed, ..."),
+        "type": string("One of " + ", ".join(ConditionType.words()) + "."),
         "status": string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
         "reason": string("A CamelCase word for programs."),
         "message": string("A sentence for people."),

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from finetune_api.status import JOB_ENV
+
 from .jobs import load_jobs_or_exit
 from .progress_bar import ProgressBar
 
@@ -20,7 +22,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(source.documents) == 1:
         command += ["--job", args.job]
     else:  # the job shares its file with other documents (a Secret): hand over the job alone
-        env["FINETUNE_JOB"] = json.dumps(job.document)
+        env[JOB_ENV] = json.dumps(job.document)
     if args.fresh:
         command.append("--fresh")
     if args.address:

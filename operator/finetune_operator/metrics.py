@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from finetune_api.schema import PHASES
+from finetune_api.status import Phase
 
 
 class Metrics:
@@ -31,7 +31,7 @@ class Metrics:
             buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf")),
             registry=self.registry)
         self._phase_of: dict[str, str] = {}
-        for phase in PHASES:
+        for phase in Phase.words():
             self.jobs.labels(phase).set(0)
 
     def observe_phase(self, key: str, phase: str | None) -> None:

@@ -16,7 +16,11 @@ cluster, resume after suspension) gets the next id (`-a<N+1>`); the `Submitted` 
 says whether the current id was submitted.
 
 Reading the trainer's progress from the Ray job's log is part of observing (the reconciler
-does it before calling `decide`), so it is not an action here.
+does it before calling `decide`), so it is not an action here. A pass decides once: a
+submission carries its outcomes (`Decision.after_submit`), which Ray's answer right after
+it picks; the deletion clean-up and a spec the validator refuses are decisions of this
+machine too. The words (phases, condition types, reasons) are the contract's
+(`finetune_api.status`).
 """
 
 from __future__ import annotations
@@ -28,58 +32,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from finetune_api.model import FineTuneJob
+from finetune_api.status import ACTIVE, FINISHED, Phase, Reason, S3Secret, not_retryable
+from finetune_api.status import ConditionType as Cond
 
-# Phases (the schema's enum).
-PENDING = "Pending"
-PROVISIONING = "Provisioning"
-RUNNING = "Running"
-RETRYING = "Retrying"
-SUSPENDED = "Suspended"
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-FINISHED = (SUCCEEDED, FAILED)
-ACTIVE = (PENDING, PROVISIONING, RUNNING, RETRYING)
-
-# Condition types.
-COND_READY = "Ready"              # inputs and cluster are ready for the run
-COND_RUNNING = "Running"          # a Ray job of this FineTuneJob is running
-COND_SUSPENDED = "Suspended"
-COND_SPEC_ACCEPTED = "SpecAccepted"
-COND_SUBMITTED = "Submitted"     # status.rayJobId was submitted to Ray
-COND_SUCCEEDED = "Succeeded"
-COND_FAILED = "Failed"
-
-# The trainer's exit codes for a job that can never work: retrying does not help.
-NON_RETRYABLE_EXIT_CODES = {2: "InvalidJob", 3: "BadInput"}  # = Reason.INVALID_JOB, BAD_INPUT
-
-
-class Reason:
-    """Event and condition reasons: CamelCase words that programs match on."""
-    CREATED = "Created"
-    SECRET_NOT_FOUND = "SecretNotFound"
-    SECRET_KEY_MISSING = "SecretKeyMissing"
-    CLUSTER_CREATING = "ClusterCreating"
-    CLUSTER_PROVISIONING = "ClusterProvisioning"
-    CLUSTER_READY = "ClusterReady"
-    CLUSTER_FAILED = "ClusterFailed"
-    CLUSTER_LOST = "ClusterLost"
-    CLUSTER_NAME_CONFLICT = "ClusterNameConflict"
-    CLUSTER_DELETED = "ClusterDeleted"
-    DASHBOARD_UNREACHABLE = "DashboardUnreachable"
-    JOB_SUBMITTED = "JobSubmitted"
-    JOB_PENDING = "JobPending"
-    JOB_RUNNING = "JobRunning"
-    ATTEMPT_FAILED = "AttemptFailed"
-    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    SUCCEEDED = "Succeeded"
-    SUSPENDED = "Suspended"
-    RESUMED = "Resumed"
-    SPEC_ACCEPTED = "SpecAccepted"
-    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
-    TTL_EXPIRED = "TTLExpired"
-    INVALID_JOB = "InvalidJob"
-    BAD_INPUT = "BadInput"
+__all__ = ["ACTIVE", "FINISHED", "Phase", "Reason", "Cond", "decide"]  # the vocabulary, re-used
 
 
 class ClusterState(enum.Enum):
@@ -115,7 +71,7 @@ class RayJobState(enum.Enum):
 @dataclass(frozen=True)
 class Observed:
     """Everything the reconciler saw in one pass."""
-    job: FineTuneJob
+    job: FineTuneJob | None     # None only with invalid_spec
     generation: int
     status: dict[str, Any]
     now: datetime
@@ -129,6 +85,13 @@ class Observed:
     exit_code: int | None = None
     # The trainer's `failed` event message, if its log had one.
     failure_message: str = ""
+    # The spec in effect as status.acceptedSpec would store it, while it is not stored yet
+    # (observe.accepted_spec); None once it is.
+    spec_to_store: str | None = None
+    # Why the validator refused the spec the API server admitted (then job is None).
+    invalid_spec: str = ""
+    # metadata.deletionTimestamp is set: the job is going away.
+    deleting: bool = False
 
 
 # Actions: small records the reconciler executes in order.
@@ -195,6 +158,12 @@ class Decision:
     # Waiting on something outside the operator (a Secret, the network): the reconciler
     # backs off exponentially while the same reason persists.
     backoff: bool = False
+    # Decided with a Submit: what the pass becomes when Ray, asked right after the submission,
+    # already reports the job in one of these states. The status then goes straight there in
+    # the pass's one write, instead of a "submitted" write and the next state 0.5 s later.
+    after_submit: dict[RayJobState, Decision] = field(default_factory=dict)
+    # False: nothing is written (the job is being deleted).
+    write_status: bool = True
 
     @property
     def reason(self) -> str | None:
@@ -230,11 +199,16 @@ def parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def _provisioning(phase: str) -> str:
+    """The phase while a cluster or a Ray job comes up: a retry stays Retrying."""
+    return Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING
+
+
 def _cleanup_actions(job: FineTuneJob, phase: str, cluster: ClusterState) -> list[Action]:
     if cluster in (ClusterState.ABSENT, ClusterState.FOREIGN):
         return []
     policy = job.spec.run_policy.cleanup_policy
-    if policy == "Keep" or (policy == "KeepOnFailure" and phase == FAILED):
+    if policy == "Keep" or (policy == "KeepOnFailure" and phase == Phase.FAILED):
         return []
     return [DeleteCluster()]
 
@@ -263,13 +237,13 @@ def _finished(obs: Observed, phase: str) -> Decision:
 def _finish(obs: Observed, phase: str, reason: str, message: str,
             extra_actions: list[Action] = ()) -> Decision:
     """The transition into Succeeded or Failed."""
-    ok = phase == SUCCEEDED
+    ok = phase == Phase.SUCCEEDED
     decision = Decision(phase=phase, message=message)
     decision.actions += list(extra_actions)
     decision.actions += _cleanup_actions(obs.job, phase, obs.cluster)
     decision.conditions += [
-        Condition(COND_SUCCEEDED if ok else COND_FAILED, "True", reason, message),
-        Condition(COND_RUNNING, "False", reason, message),
+        Condition(Cond.SUCCEEDED if ok else Cond.FAILED, "True", reason, message),
+        Condition(Cond.RUNNING, "False", reason, message),
     ]
     decision.events.append(Event("Normal" if ok else "Warning", reason, message))
     decision.status["completionTime"] = iso(obs.now)
@@ -277,29 +251,64 @@ def _finish(obs: Observed, phase: str, reason: str, message: str,
 
 
 def decide(obs: Observed) -> Decision:
-    job, status = obs.job, obs.status
-    phase = status.get("phase") or PENDING
-    sub_id = status.get("rayJobId")
-
+    """The one decision of a pass (the reconciler executes it and writes its status)."""
+    if obs.deleting:
+        return _deleting(obs)
+    if obs.invalid_spec:
+        return _invalid(obs)
+    status = obs.status
+    phase = status.get("phase") or Phase.PENDING
     if phase in FINISHED:
-        return _finished(obs, phase)
+        decision = _finished(obs, phase)
+    else:
+        decision = _decide_active(obs, phase, status.get("rayJobId"))
+        for outcome in (decision, *decision.after_submit.values()):
+            _report_spec_changes(obs, phase, outcome)
+    if obs.spec_to_store is not None:
+        decision.status["acceptedSpec"] = obs.spec_to_store
+    return decision
 
-    decision = _decide_active(obs, phase, sub_id)
 
-    # A rejected spec change never stops the run; it is reported beside whatever happens.
+def _report_spec_changes(obs: Observed, phase: str, decision: Decision) -> None:
+    """A rejected spec change never stops the run; it is reported beside whatever happens."""
+    status = obs.status
     if obs.rejected_fields:
         fields = ", ".join(obs.rejected_fields)
         msg = (f"Changes to {fields} are ignored while the job is {phase}; "
                "suspend the job to change them")
-        decision.conditions.append(Condition(COND_SPEC_ACCEPTED, "False",
+        decision.conditions.append(Condition(Cond.SPEC_ACCEPTED, "False",
                                              Reason.IMMUTABLE_FIELD_CHANGED, msg))
-        if not _has_condition(status, COND_SPEC_ACCEPTED, "False",
+        if not _has_condition(status, Cond.SPEC_ACCEPTED, "False",
                               Reason.IMMUTABLE_FIELD_CHANGED, msg):
             decision.events.append(Event("Warning", Reason.IMMUTABLE_FIELD_CHANGED, msg))
-    elif _has_condition(status, COND_SPEC_ACCEPTED, "False"):
-        decision.conditions.append(Condition(COND_SPEC_ACCEPTED, "True", Reason.SPEC_ACCEPTED,
+    elif _has_condition(status, Cond.SPEC_ACCEPTED, "False"):
+        decision.conditions.append(Condition(Cond.SPEC_ACCEPTED, "True", Reason.SPEC_ACCEPTED,
                                              "The spec in effect is the current one"))
-    return decision
+
+
+def _deleting(obs: Observed) -> Decision:
+    """The job is being deleted (kopf's finalizer holds it meanwhile): stop its Ray job and
+    delete its RayCluster; checkpoints and the model stay. Nothing is written to it."""
+    actions: list[Action] = []
+    if obs.cluster == ClusterState.READY and obs.job is not None:
+        actions.append(StopJob(obs.status.get("rayJobId") or submission_id(obs.job, 1)))
+    if obs.cluster not in (ClusterState.ABSENT, ClusterState.FOREIGN):
+        actions.append(DeleteCluster())
+    return Decision(phase=obs.status.get("phase") or Phase.PENDING,
+                    message=obs.status.get("message") or "", actions=actions,
+                    write_status=False)
+
+
+def _invalid(obs: Observed) -> Decision:
+    """A spec the API server admitted but the validator refuses (e.g. under an old CRD)."""
+    msg = f"Invalid spec: {obs.invalid_spec}"
+    d = Decision(phase=Phase.FAILED, message=msg)
+    d.conditions.append(Condition(Cond.SPEC_ACCEPTED, "False", Reason.INVALID_SPEC, msg))
+    if obs.status.get("phase") != Phase.FAILED:
+        d.events.append(Event("Warning", Reason.INVALID_SPEC, msg))
+        d.status["completionTime"] = iso(obs.now)
+    d.requeue_after = 3600.0
+    return d
 
 
 def _has_condition(status: dict[str, Any], ctype: str, cstatus: str,
@@ -324,23 +333,23 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
         if obs.cluster not in (ClusterState.ABSENT, ClusterState.FOREIGN):
             actions.append(DeleteCluster())
         msg = "Suspended: the Ray job is stopped and the RayCluster deleted"
-        d = Decision(phase=SUSPENDED, message=msg, actions=actions)
-        d.conditions += [Condition(COND_SUSPENDED, "True", Reason.SUSPENDED, msg),
-                         Condition(COND_READY, "False", Reason.SUSPENDED, msg),
-                         Condition(COND_RUNNING, "False", Reason.SUSPENDED, msg),
-                         Condition(COND_SUBMITTED, "False", Reason.SUSPENDED, msg)]
-        if phase != SUSPENDED:
+        d = Decision(phase=Phase.SUSPENDED, message=msg, actions=actions)
+        d.conditions += [Condition(Cond.SUSPENDED, "True", Reason.SUSPENDED, msg),
+                         Condition(Cond.READY, "False", Reason.SUSPENDED, msg),
+                         Condition(Cond.RUNNING, "False", Reason.SUSPENDED, msg),
+                         Condition(Cond.SUBMITTED, "False", Reason.SUSPENDED, msg)]
+        if phase != Phase.SUSPENDED:
             d.events.append(Event("Normal", Reason.SUSPENDED, msg))
         return d
 
-    if phase == SUSPENDED:
+    if phase == Phase.SUSPENDED:
         # Resume: a fresh attempt id (the old Ray job was stopped); the trainer resumes from
         # the latest checkpoint by itself.
         msg = "Resumed: recreating the RayCluster"
-        d = Decision(phase=PROVISIONING, message=msg)
+        d = Decision(phase=Phase.PROVISIONING, message=msg)
         if sub_id:
             d.status["rayJobId"] = next_submission_id(job, sub_id)
-        d.conditions += [Condition(COND_SUSPENDED, "False", Reason.RESUMED, msg)]
+        d.conditions += [Condition(Cond.SUSPENDED, "False", Reason.RESUMED, msg)]
         d.events.append(Event("Normal", Reason.RESUMED, msg))
         d.requeue_after = 0.0
         return d
@@ -350,7 +359,7 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
     if policy.active_deadline_seconds is not None and started is not None:
         if obs.now - started >= timedelta(seconds=policy.active_deadline_seconds):
             stop = [StopJob(sub_id)] if sub_id and obs.ray_job.active else []
-            return _finish(obs, FAILED, Reason.DEADLINE_EXCEEDED,
+            return _finish(obs, Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"The job ran longer than activeDeadlineSeconds="
                            f"{policy.active_deadline_seconds}", stop)
 
@@ -364,11 +373,11 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
                    f"{job.namespace!r}; waiting for it")
         else:
             reason = Reason.SECRET_KEY_MISSING
-            msg = (f"Secret {name!r} (spec.s3.secretRef) lacks AWS_ACCESS_KEY_ID or "
-                   f"AWS_SECRET_ACCESS_KEY; waiting for them")
+            msg = (f"Secret {name!r} (spec.s3.secretRef) lacks "
+                   f"{' or '.join(S3Secret.REQUIRED)}; waiting for them")
         d = Decision(phase=phase, message=msg)
-        d.conditions.append(Condition(COND_READY, "False", reason, msg))
-        if not _has_condition(status, COND_READY, "False", reason):
+        d.conditions.append(Condition(Cond.READY, "False", reason, msg))
+        if not _has_condition(status, Cond.READY, "False", reason):
             d.events.append(Event("Warning", reason, msg))
         d.backoff = True
         return d
@@ -378,9 +387,9 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
             msg = (f"A RayCluster named {job.name!r} exists and does not belong to this "
                    "job; delete or rename it")
             d = Decision(phase=phase, message=msg)
-            d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_NAME_CONFLICT,
+            d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_NAME_CONFLICT,
                                           msg))
-            if not _has_condition(status, COND_READY, "False", Reason.CLUSTER_NAME_CONFLICT):
+            if not _has_condition(status, Cond.READY, "False", Reason.CLUSTER_NAME_CONFLICT):
                 d.events.append(Event("Warning", Reason.CLUSTER_NAME_CONFLICT, msg))
             d.backoff = True
             return d
@@ -388,8 +397,8 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
             return _cluster_gone(obs, phase, sub_id, retries)
         case ClusterState.PROVISIONING:
             msg = "Waiting for the RayCluster to become ready"
-            d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg)
-            d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_PROVISIONING,
+            d = Decision(phase=_provisioning(phase), message=msg)
+            d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_PROVISIONING,
                                           msg))
             return d
     return _cluster_ready(obs, phase, sub_id, retries)
@@ -402,93 +411,117 @@ def _cluster_gone(obs: Observed, phase: str, sub_id: str | None, retries: int) -
     actions: list[Action] = [DeleteCluster()] if failed else [CreateCluster()]
     # An attempt that was running on the lost cluster is lost with it and counts as a
     # failed attempt, so a cluster that keeps breaking ends in Failed, not in a loop.
-    lost_attempt = phase in (RUNNING, PROVISIONING, RETRYING) and sub_id is not None \
-        and status_submitted(obs.status)
+    lost_attempt = phase in (Phase.RUNNING, Phase.PROVISIONING, Phase.RETRYING) \
+        and sub_id is not None and status_submitted(obs.status)
     if lost_attempt:
         reason = Reason.CLUSTER_FAILED if failed else Reason.CLUSTER_LOST
         if retries >= job.spec.run_policy.backoff_limit:
             msg = (f"The RayCluster was {'broken' if failed else 'lost'} and the backoff "
                    f"limit ({job.spec.run_policy.backoff_limit}) is reached")
-            return _finish(obs, FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
+            return _finish(obs, Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
         msg = (f"The RayCluster was {'broken' if failed else 'lost'} during attempt "
                f"{attempt_of(sub_id)}; recreating it and retrying")
-        d = Decision(phase=RETRYING, message=msg, actions=actions)
+        d = Decision(phase=Phase.RETRYING, message=msg, actions=actions)
         d.status.update(retries=retries + 1, rayJobId=next_submission_id(job, sub_id))
-        d.conditions += [Condition(COND_READY, "False", reason, msg),
-                         Condition(COND_RUNNING, "False", reason, msg),
-                         Condition(COND_SUBMITTED, "False", reason, msg)]
+        d.conditions += [Condition(Cond.READY, "False", reason, msg),
+                         Condition(Cond.RUNNING, "False", reason, msg),
+                         Condition(Cond.SUBMITTED, "False", reason, msg)]
         d.events.append(Event("Warning", reason, msg))
         return d
     if failed:
         msg = "The RayCluster failed; deleting it to create it again"
-        d = Decision(phase=phase if phase != PENDING else PROVISIONING, message=msg,
+        d = Decision(phase=phase if phase != Phase.PENDING else Phase.PROVISIONING, message=msg,
                      actions=actions)
-        d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_FAILED, msg))
+        d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_FAILED, msg))
         d.events.append(Event("Warning", Reason.CLUSTER_FAILED, msg))
         return d
     msg = "Creating the RayCluster"
-    d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg,
+    d = Decision(phase=_provisioning(phase), message=msg,
                  actions=actions)
-    d.conditions.append(Condition(COND_READY, "False", Reason.CLUSTER_CREATING, msg))
-    if phase == PENDING:
+    d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_CREATING, msg))
+    if phase == Phase.PENDING:
         d.events.append(Event("Normal", Reason.CLUSTER_CREATING,
                               f"Creating RayCluster {job.name!r}"))
     return d
 
 
+def _ray_job_active(obs: Observed, phase: str, sub_id: str, state: RayJobState) -> Decision:
+    """The Ray job of the current attempt is PENDING or RUNNING."""
+    status = obs.status
+    ready = Condition(Cond.READY, "True", Reason.CLUSTER_READY, "The RayCluster is ready")
+    submitted = Condition(Cond.SUBMITTED, "True", Reason.JOB_SUBMITTED,
+                          f"Submitted Ray job {sub_id}")
+    if state == RayJobState.PENDING:
+        msg = f"Ray job {sub_id} is starting"
+        d = Decision(phase=_provisioning(phase),
+                     message=msg)
+        d.status["rayJobId"] = sub_id
+        d.conditions += [ready, submitted]
+        return d
+    msg = f"Training (Ray job {sub_id}, attempt {attempt_of(sub_id)})"
+    d = Decision(phase=Phase.RUNNING, message=msg)
+    d.status["rayJobId"] = sub_id
+    d.conditions += [ready, submitted, Condition(Cond.RUNNING, "True", Reason.JOB_RUNNING, msg)]
+    if phase != Phase.RUNNING:
+        d.status["runningSince"] = iso(obs.now)
+        if not status.get("startTime"):
+            d.status["startTime"] = iso(obs.now)
+        d.events.append(Event("Normal", Reason.JOB_RUNNING, msg))
+    return d
+
+
 def status_submitted(status: dict[str, Any]) -> bool:
     """Whether status.rayJobId was submitted (kept in the Submitted condition)."""
-    return _has_condition(status, COND_SUBMITTED, "True")
+    return _has_condition(status, Cond.SUBMITTED, "True")
 
 
 def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) -> Decision:
     job, status = obs.job, obs.status
     sub_id = sub_id or submission_id(job, 1)
-    ready = Condition(COND_READY, "True", Reason.CLUSTER_READY, "The RayCluster is ready")
+    ready = Condition(Cond.READY, "True", Reason.CLUSTER_READY, "The RayCluster is ready")
 
     match obs.ray_job:
         case RayJobState.UNKNOWN | RayJobState.UNREACHABLE:
             msg = "The Ray dashboard of the RayCluster does not answer; retrying"
-            d = Decision(phase=phase if phase != PENDING else PROVISIONING, message=msg)
-            d.conditions.append(Condition(COND_READY, "False", Reason.DASHBOARD_UNREACHABLE,
+            d = Decision(phase=phase if phase != Phase.PENDING else Phase.PROVISIONING, message=msg)
+            d.conditions.append(Condition(Cond.READY, "False", Reason.DASHBOARD_UNREACHABLE,
                                           msg + (f": {obs.ray_job_message}"
                                                  if obs.ray_job_message else "")))
-            if not _has_condition(status, COND_READY, "False", Reason.DASHBOARD_UNREACHABLE):
+            if not _has_condition(status, Cond.READY, "False", Reason.DASHBOARD_UNREACHABLE):
                 d.events.append(Event("Warning", Reason.DASHBOARD_UNREACHABLE, msg))
             d.backoff = True
             return d
         case RayJobState.NOT_FOUND:
+            if obs.spec_to_store is not None:
+                # The spec a run starts from is stored before the run is submitted (a pass
+                # that submits on an already ready cluster: a restarted operator's, a resumed
+                # job's): this pass stores it, the next one, at once, submits.
+                msg = f"The RayCluster is ready; submitting Ray job {sub_id}"
+                d = Decision(phase=_provisioning(phase), message=msg)
+                d.conditions.append(ready)
+                d.requeue_after = 0.0
+                return d
             msg = f"Submitted Ray job {sub_id}"
-            d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg,
-                         actions=[Submit(sub_id)])
+            d = Decision(phase=_provisioning(phase),
+                         message=msg, actions=[Submit(sub_id)])
             d.status["rayJobId"] = sub_id
-            d.conditions += [ready, Condition(COND_SUBMITTED, "True", Reason.JOB_SUBMITTED, msg)]
-            d.events.append(Event("Normal", Reason.JOB_SUBMITTED, msg))
+            d.conditions += [ready, Condition(Cond.SUBMITTED, "True", Reason.JOB_SUBMITTED, msg)]
+            submitted = Event("Normal", Reason.JOB_SUBMITTED, msg)
+            d.events.append(submitted)
             d.requeue_after = 0.5
+            for state in (RayJobState.PENDING, RayJobState.RUNNING):
+                outcome = _ray_job_active(obs, d.phase, sub_id, state)
+                # Already running: the JobRunning Event names the Ray job, so a JobSubmitted
+                # Event of the same instant would only repeat it.
+                if not outcome.events:
+                    outcome.events.append(submitted)
+                d.after_submit[state] = outcome
             return d
-        case RayJobState.PENDING:
-            msg = f"Ray job {sub_id} is starting"
-            d = Decision(phase=RETRYING if phase == RETRYING else PROVISIONING, message=msg)
-            d.status["rayJobId"] = sub_id
-            d.conditions += [ready, Condition(COND_SUBMITTED, "True", Reason.JOB_SUBMITTED,
-                                              f"Submitted Ray job {sub_id}")]
-            return d
-        case RayJobState.RUNNING:
-            msg = f"Training (Ray job {sub_id}, attempt {attempt_of(sub_id)})"
-            d = Decision(phase=RUNNING, message=msg)
-            d.status["rayJobId"] = sub_id
-            d.conditions += [ready, Condition(COND_SUBMITTED, "True", Reason.JOB_SUBMITTED,
-                                              f"Submitted Ray job {sub_id}"),
-                             Condition(COND_RUNNING, "True", Reason.JOB_RUNNING, msg)]
-            if phase != RUNNING:
-                d.status["runningSince"] = iso(obs.now)
-                if not status.get("startTime"):
-                    d.status["startTime"] = iso(obs.now)
-                d.events.append(Event("Normal", Reason.JOB_RUNNING, msg))
-            return d
+        case RayJobState.PENDING | RayJobState.RUNNING:
+            return _ray_job_active(obs, phase, sub_id, obs.ray_job)
         case RayJobState.SUCCEEDED:
             msg = f"Training finished (Ray job {sub_id})"
-            d = _finish(obs, SUCCEEDED, Reason.SUCCEEDED, msg, [])
+            d = _finish(obs, Phase.SUCCEEDED, Reason.SUCCEEDED, msg, [])
             if not status.get("startTime"):
                 d.status["startTime"] = iso(obs.now)
             return d
@@ -496,23 +529,24 @@ def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) 
     # leaves the active phases, so a STOPPED job here was not its doing).
     detail = obs.failure_message or obs.ray_job_message or obs.ray_job.value
     limit = job.spec.run_policy.backoff_limit
-    if obs.exit_code in NON_RETRYABLE_EXIT_CODES:
-        reason = NON_RETRYABLE_EXIT_CODES[obs.exit_code]
+    refused = not_retryable(obs.exit_code)
+    if refused is not None:
+        reason = refused.reason
         msg = f"The trainer refused the job ({reason}), retrying cannot help: {detail}"
-        return _finish(obs, FAILED, reason, msg, [SaveLog(sub_id)])
+        return _finish(obs, Phase.FAILED, reason, msg, [SaveLog(sub_id)])
     if retries >= limit:
         msg = (f"Attempt {attempt_of(sub_id)} failed and the backoff limit ({limit}) is "
                f"reached: {detail}")
-        return _finish(obs, FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg,
+        return _finish(obs, Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg,
                        [SaveLog(sub_id)])
     next_id = next_submission_id(job, sub_id)
     msg = (f"Attempt {attempt_of(sub_id)} failed ({detail}); retrying as {next_id} "
            f"({retries + 1}/{limit})")
-    d = Decision(phase=RETRYING, message=msg,
+    d = Decision(phase=Phase.RETRYING, message=msg,
                  actions=[SaveLog(sub_id)])
     d.status.update(retries=retries + 1, rayJobId=next_id)
-    d.conditions += [Condition(COND_RUNNING, "False", Reason.ATTEMPT_FAILED, msg),
-                     Condition(COND_SUBMITTED, "False", Reason.ATTEMPT_FAILED, msg)]
+    d.conditions += [Condition(Cond.RUNNING, "False", Reason.ATTEMPT_FAILED, msg),
+                     Condition(Cond.SUBMITTED, "False", Reason.ATTEMPT_FAILED, msg)]
     d.events.append(Event("Warning", Reason.ATTEMPT_FAILED, msg))
     d.requeue_after = 0.0
     return d

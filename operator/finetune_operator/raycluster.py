@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 from finetune_api.model import FineTuneJob
+from finetune_api.status import S3Secret
 
 from .settings import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL, Settings
 
@@ -29,8 +30,6 @@ CLIENT_PORT = 10001
 # KubeRay's token auth keeps the token under this key of the Secret it generates.
 AUTH_TOKEN_KEY = "auth_token"
 GPU_RESOURCE = "nvidia.com/gpu"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-S3_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
 
 
 def cluster_name(job: FineTuneJob) -> str:
@@ -78,10 +77,10 @@ def s3_env(job: FineTuneJob) -> list[dict[str, Any]]:
     s3 = job.spec.s3
     env: list[dict[str, Any]] = []
     if s3.secret_ref:
-        for key in S3_SECRET_KEYS:
+        for key in S3Secret.REQUIRED:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {
                 "name": s3.secret_ref, "key": key}}})
-        for key in S3_OPTIONAL_SECRET_KEYS:
+        for key in S3Secret.OPTIONAL:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {
                 "name": s3.secret_ref, "key": key, "optional": True}}})
     if s3.endpoint:

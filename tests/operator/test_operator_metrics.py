@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from finetune_api.status import Phase
 from finetune_operator.metrics import Metrics
 
 
@@ -30,8 +31,7 @@ def test_exposition_has_every_phase_and_the_histogram():
     m.time_to_running.observe(42)
     m.reconcile_errors.labels("KubeError").inc()
     text = generate_latest(m.registry).decode()
-    for phase in ("Pending", "Provisioning", "Running", "Retrying", "Suspended", "Succeeded",
-                  "Failed"):
+    for phase in Phase.words():  # every phase of the vocabulary, from its first pass on
         assert f'finetune_jobs{{phase="{phase}"}}' in text
     assert "finetune_create_to_running_seconds_bucket" in text
     assert 'finetune_reconcile_errors_total{kind="KubeError"} 1.0' in text

@@ -1,4 +1,5 @@
-"""The reconciler's pure helpers: the accepted spec, condition bookkeeping, settings."""
+"""The pure helpers of a pass: the accepted spec, the cluster's state, the status write,
+settings."""
 
 from __future__ import annotations
 
@@ -6,17 +7,13 @@ import json
 
 import pytest
 
-from finetune_operator import phases
-from finetune_operator.reconcile import (Reconciler, changed_paths, immutable_view,
-                                         merge_conditions)
+from finetune_operator import observe, phases
+from finetune_operator.observe import changed_paths, cluster_state, dashboard_url, immutable_view
+from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
+from finetune_operator.status_patch import merge_conditions, status_changes
 
 from operator_jobs import document
-
-
-def reconciler() -> Reconciler:
-    # accepted_spec and cluster_state do no I/O: no session or API needed.
-    return Reconciler(Settings(), kube=None, http=None)  # type: ignore[arg-type]
 
 
 def body_with(phase=None, accepted=None, **changes):
@@ -28,13 +25,18 @@ def body_with(phase=None, accepted=None, **changes):
 
 
 def accepted_spec(body):
-    return reconciler().accepted_spec(body["spec"], body["status"])
+    return observe.accepted_spec(body["spec"], body["status"])
 
 
 def test_a_new_job_accepts_its_spec():
     spec, rejected, store = accepted_spec(body_with())
-    assert rejected == () and store
+    assert rejected == () and json.loads(store) == immutable_view(document()["spec"])
     assert spec == document()["spec"]
+
+
+def test_a_stored_spec_is_not_stored_again():
+    accepted = immutable_view(document()["spec"])
+    assert accepted_spec(body_with("Pending", accepted))[2] is None
 
 
 def test_immutable_change_while_running_is_rejected_and_the_old_spec_stays():
@@ -84,24 +86,89 @@ def test_cluster_state_checks_ownership():
     from finetune_api.model import FineTuneJob
 
     job = FineTuneJob.from_document(document())
-    r = reconciler()
     mine = {"metadata": {"labels": {"finetune.dev/job": "llama"},
                          "ownerReferences": [{"uid": job.uid}]}, "status": {"state": "ready"}}
-    assert r.cluster_state(job, mine) == phases.ClusterState.READY
-    assert r.cluster_state(job, {**mine, "status": {"state": "failed"}}) == \
-        phases.ClusterState.FAILED
-    assert r.cluster_state(job, {**mine, "status": {}}) == phases.ClusterState.PROVISIONING
+
+    def state(cluster):
+        return cluster_state(cluster, job.name, job.uid)
+
+    assert state(mine) == phases.ClusterState.READY
+    assert state({**mine, "status": {"state": "failed"}}) == phases.ClusterState.FAILED
+    assert state({**mine, "status": {}}) == phases.ClusterState.PROVISIONING
+    going = {**mine, "metadata": {**mine["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}}
+    assert state(going) == phases.ClusterState.PROVISIONING
     foreign = {"metadata": {"labels": {}, "ownerReferences": []}}
-    assert r.cluster_state(job, foreign) == phases.ClusterState.FOREIGN
-    assert r.cluster_state(job, None) == phases.ClusterState.ABSENT
+    assert state(foreign) == phases.ClusterState.FOREIGN
+    labelled_not_owned = {**mine, "metadata": {**mine["metadata"], "ownerReferences": []}}
+    assert state(labelled_not_owned) == phases.ClusterState.FOREIGN
+    assert state(None) == phases.ClusterState.ABSENT
 
 
 def test_dashboard_url_from_kuberay_status_and_override():
     cluster = {"status": {"head": {"serviceIP": "10.0.0.7"}, "endpoints": {"dashboard": "8265"}}}
-    assert reconciler().dashboard_url(cluster) == "http://10.0.0.7:8265"
-    r = Reconciler(Settings(dashboard_host="127.0.0.1"), kube=None, http=None)  # type: ignore
-    assert r.dashboard_url(cluster) == "http://127.0.0.1:8265"
-    assert reconciler().dashboard_url({"status": {}}) is None
+    assert dashboard_url(cluster) == "http://10.0.0.7:8265"
+    assert dashboard_url(cluster, "127.0.0.1") == "http://127.0.0.1:8265"
+    assert dashboard_url({"status": {}}) is None
+
+
+NOW = "2026-11-24T12:00:00Z"
+STATUS_TABLE = [
+    # id, status before, decision, observed, model uri, generation, the changes written
+    ("nothing new, nothing written",
+     {"phase": "Running", "message": "m", "observedGeneration": 1},
+     phases.Decision(phase="Running", message="m"), {}, None, 1, {}),
+    ("a transition writes phase, message and the decision's fields",
+     {}, phases.Decision(phase="Provisioning", message="Creating the RayCluster",
+                         status={"acceptedSpec": "{}"}),
+     {"rayCluster": "llama"}, None, 1,
+     {"phase": "Provisioning", "message": "Creating the RayCluster", "observedGeneration": 1,
+      "acceptedSpec": "{}", "rayCluster": "llama"}),
+    ("no cluster and none before: no rayCluster: null",
+     {"phase": "Pending", "message": "m", "observedGeneration": 1},
+     phases.Decision(phase="Pending", message="m"), {"rayCluster": None}, None, 1, {}),
+    ("the cluster went: rayCluster cleared",
+     {"phase": "Suspended", "message": "m", "observedGeneration": 1, "rayCluster": "llama"},
+     phases.Decision(phase="Suspended", message="m"), {"rayCluster": None}, None, 1,
+     {"rayCluster": None}),
+    ("the decision's fields win over the observed ones",
+     {"phase": "Running", "message": "m", "observedGeneration": 1},
+     phases.Decision(phase="Running", message="m", status={"logUri": None}),
+     {"logUri": "s3://x"}, None, 1, {}),
+    ("success records the model and 100 %",
+     {"phase": "Running", "message": "m", "observedGeneration": 1,
+      "progress": {"step": 90, "totalSteps": 100, "percent": 90}},
+     phases.Decision(phase="Succeeded", message="done"), {}, "s3://ckpt/llama/final", 1,
+     {"phase": "Succeeded", "message": "done",
+      "output": {"modelUri": "s3://ckpt/llama/final"},
+      "progress": {"step": 100, "totalSteps": 100, "percent": 100}}),
+    ("a model the trainer reported is kept",
+     {"phase": "Running", "message": "m", "observedGeneration": 1},
+     phases.Decision(phase="Succeeded", message="done"), {"output": {"modelUri": "s3://own"}},
+     "s3://ckpt/llama/final", 1,
+     {"phase": "Succeeded", "message": "done", "output": {"modelUri": "s3://own"},
+      "progress": {"percent": 100}}),
+    ("a new generation is written even without news",
+     {"phase": "Running", "message": "m", "observedGeneration": 1},
+     phases.Decision(phase="Running", message="m"), {}, None, 2, {"observedGeneration": 2}),
+]
+
+
+@pytest.mark.parametrize("status,decision,observed,model_uri,generation,changes",
+                         [row[1:] for row in STATUS_TABLE], ids=[row[0] for row in STATUS_TABLE])
+def test_status_changes(status, decision, observed, model_uri, generation, changes):
+    assert status_changes(status, decision, generation=generation, now=NOW, observed=observed,
+                          model_uri=model_uri) == changes
+
+
+def test_status_changes_merge_conditions():
+    status = {"phase": "Provisioning", "message": "m", "observedGeneration": 1,
+              "conditions": [{"type": "Ready", "status": "False", "reason": "ClusterCreating",
+                              "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                              "observedGeneration": 1}]}
+    d = phases.Decision(phase="Provisioning", message="m", conditions=[
+        phases.Condition("Ready", "True", "ClusterReady", "The RayCluster is ready")])
+    (cond,) = status_changes(status, d, generation=1, now=NOW)["conditions"]
+    assert cond["status"] == "True" and cond["lastTransitionTime"] == NOW
 
 
 def test_settings_from_flags_and_env():
@@ -118,6 +185,7 @@ def test_trainer_env_carries_the_job_but_no_credentials():
     from finetune_api.model import FineTuneJob
 
     job = FineTuneJob.from_document(document())
+    # trainer_env does no I/O: no session or API needed.
     env = Reconciler(Settings(trainer_env=("A=b",)), kube=None,  # type: ignore[arg-type]
                      http=None).trainer_env(job)  # type: ignore[arg-type]
     assert env["A"] == "b"

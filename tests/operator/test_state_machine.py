@@ -21,10 +21,11 @@ SUBMITTED = {"type": "Submitted", "status": "True", "reason": "JobSubmitted"}
 
 
 def obs(status=None, *, j=JOB, secret=S.PRESENT, cluster=C.ABSENT, ray=R.UNKNOWN,
-        exit_code=None, rejected=(), now=NOW):
-    return Observed(job=j, generation=1, status=status or {}, now=now, secret=secret,
-                    cluster=cluster, ray_job=ray, exit_code=exit_code,
-                    rejected_fields=rejected)
+        exit_code=None, rejected=(), now=NOW, deleting=False, invalid="", to_store=None):
+    return Observed(job=None if invalid else j, generation=1, status=status or {}, now=now,
+                    secret=secret, cluster=cluster, ray_job=ray, exit_code=exit_code,
+                    rejected_fields=rejected, deleting=deleting, invalid_spec=invalid,
+                    spec_to_store=to_store)
 
 
 def running(**extra):
@@ -112,6 +113,24 @@ TABLE = [
      "Succeeded", None),
     ("ttl not yet expired", {"phase": "Succeeded", "completionTime": "2026-11-24T11:59:30Z"},
      dict(j=job(**{"spec.runPolicy.ttlSecondsAfterFinished": 60})), [], "Succeeded", None),
+    ("deleted while running: stop, delete the cluster", running(),
+     dict(cluster=C.READY, deleting=True), [StopJob(A1), DeleteCluster()], "Running", None),
+    ("deleted before anything was submitted: the first attempt's id is stopped", {},
+     dict(cluster=C.READY, deleting=True), [StopJob(A1), DeleteCluster()], "Pending", None),
+    ("deleted while the cluster comes up", {"phase": "Provisioning"},
+     dict(cluster=C.PROVISIONING, deleting=True), [DeleteCluster()], "Provisioning", None),
+    ("deleted, no cluster", {"phase": "Succeeded"}, dict(cluster=C.ABSENT, deleting=True),
+     [], "Succeeded", None),
+    ("deleted, the cluster of that name is not the job's", {"phase": "Provisioning"},
+     dict(cluster=C.FOREIGN, deleting=True), [], "Provisioning", None),
+    ("deleted with an invalid spec: the cluster goes, nothing to stop", {"phase": "Failed"},
+     dict(cluster=C.READY, deleting=True, invalid="spec.x: bad"), [DeleteCluster()], "Failed",
+     None),
+    ("invalid spec fails the job", {}, dict(invalid="spec.x: bad"), [], "Failed",
+     Reason.INVALID_SPEC),
+    ("ready cluster, spec not stored yet: store it first, submit next",
+     {"phase": "Pending"}, dict(cluster=C.READY, ray=R.NOT_FOUND, to_store="{}"),
+     [], "Provisioning", Reason.CLUSTER_READY),
 ]
 
 
@@ -122,6 +141,63 @@ def test_transition(status, world, actions, phase, reason):
     assert d.actions == actions
     assert d.phase == phase
     assert d.reason == reason
+
+
+def test_deletion_writes_nothing():
+    d = decide(obs(running(), cluster=C.READY, deleting=True))
+    assert not d.write_status and not d.events and not d.conditions
+
+
+def test_invalid_spec_fails_once():
+    first = decide(obs({}, invalid="spec.x: bad"))
+    assert first.message == "Invalid spec: spec.x: bad" and first.requeue_after == 3600
+    assert [e.reason for e in first.events] == [Reason.INVALID_SPEC]
+    assert first.status == {"completionTime": "2026-11-24T12:00:00Z"}
+    again = decide(obs({"phase": "Failed"}, invalid="spec.x: bad"))
+    assert again.events == [] and again.status == {}
+
+
+def test_the_spec_is_stored_with_the_decision_and_before_any_submit():
+    d = decide(obs({}, to_store='{"a": 1}'))
+    assert d.actions == [CreateCluster()] and d.status["acceptedSpec"] == '{"a": 1}'
+    first = decide(obs({"phase": "Pending"}, cluster=C.READY, ray=R.NOT_FOUND, to_store="{}"))
+    assert first.status["acceptedSpec"] == "{}" and first.requeue_after == 0
+    assert not any(isinstance(a, Submit) for a in first.actions)
+
+
+def test_submit_decides_its_outcomes_once():
+    """Ray's answer right after the submission picks one of the outcomes decided with it."""
+    d = decide(obs({"phase": "Provisioning"}, cluster=C.READY, ray=R.NOT_FOUND))
+    assert d.actions == [Submit(A1)] and d.requeue_after == 0.5
+    assert [e.reason for e in d.events] == [Reason.JOB_SUBMITTED]
+    assert set(d.after_submit) == {R.PENDING, R.RUNNING}
+    pending, running_now = d.after_submit[R.PENDING], d.after_submit[R.RUNNING]
+    # Each is what the next pass would have decided, with the submission's Event.
+    later = decide(obs({"phase": "Provisioning", "rayJobId": A1}, cluster=C.READY,
+                       ray=R.PENDING))
+    assert (pending.phase, pending.message, pending.conditions, pending.status) == \
+        (later.phase, later.message, later.conditions, later.status)
+    assert [e.reason for e in pending.events] == [Reason.JOB_SUBMITTED]
+    assert running_now.phase == "Running" and not running_now.actions
+    assert running_now.status["startTime"] == running_now.status["runningSince"]
+    # Already running: JobRunning names the Ray job; a JobSubmitted would only repeat it.
+    assert [e.reason for e in running_now.events] == [Reason.JOB_RUNNING]
+    assert running_now.requeue_after is None and pending.requeue_after is None
+
+
+def test_a_lost_job_resubmitted_while_running_goes_running_again():
+    # The Ray head lost the job of a Running attempt (issue 11 counts it): the resubmission's
+    # outcome starts the running period again.
+    d = decide(obs(running(), cluster=C.READY, ray=R.NOT_FOUND))
+    assert d.phase == "Provisioning"
+    assert "runningSince" in d.after_submit[R.RUNNING].status
+
+
+def test_outcomes_carry_a_rejected_spec_change():
+    d = decide(obs({"phase": "Provisioning"}, cluster=C.READY, ray=R.NOT_FOUND,
+                   rejected=("spec.resources.workers",)))
+    for outcome in (d, *d.after_submit.values()):
+        assert any(c.reason == Reason.IMMUTABLE_FIELD_CHANGED for c in outcome.conditions)
 
 
 def test_retry_bumps_attempt_and_counts():

@@ -14,6 +14,7 @@ def load_job(args):
     it (finetune_api.reader: one-line problems naming the field)."""
     from finetune_api.model import FineTuneJob
     from finetune_api.reader import read_one
+    from finetune_api.status import JOB_ENV
 
     if args.job:
         try:
@@ -22,10 +23,10 @@ def load_job(args):
         except OSError as exc:
             raise FileNotFoundError(f"cannot read job file {args.job}: {exc.strerror}") from None
         source = args.job
-    elif os.environ.get("FINETUNE_JOB"):
-        data, source = os.environ["FINETUNE_JOB"], "FINETUNE_JOB"
+    elif os.environ.get(JOB_ENV):
+        data, source = os.environ[JOB_ENV], JOB_ENV
     else:
-        raise FileNotFoundError("no job given: pass --job FILE or set FINETUNE_JOB")
+        raise FileNotFoundError(f"no job given: pass --job FILE or set {JOB_ENV}")
     return FineTuneJob.from_document(read_one(data, source))
 
 
@@ -38,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fresh = args.fresh or os.environ.get("FINETUNE_FRESH", "") in ("1", "true", "yes")
 
-    from .errors import EXIT_INVALID_JOB
+    from .errors import InvalidJobError
     from .launcher import fail, run_job
 
     try:
         job = load_job(args)
     except Exception as exc:  # ValidationError lists every bad field in its message
-        return fail("InvalidJob", " ".join(str(exc).split()), EXIT_INVALID_JOB)
+        return fail(InvalidJobError.reason, " ".join(str(exc).split()), InvalidJobError.exit_code)
     return run_job(job, fresh=fresh)
 
 

@@ -2,32 +2,35 @@
 
 The CLI and the operator read the exit code to tell a job that can never work (bad spec, bad
 input: do not retry) from one that failed while training (retry from the last checkpoint).
+The codes, their reasons and whether a retry helps are the contract's (finetune_api.status).
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_TRAINING_FAILED = 1
-EXIT_INVALID_JOB = 2
-EXIT_BAD_INPUT = 3
+from finetune_api.status import Exit
+
+EXIT_OK = Exit.OK.code
+EXIT_TRAINING_FAILED = Exit.TRAINING_FAILED.code
+EXIT_INVALID_JOB = Exit.INVALID_JOB.code
+EXIT_BAD_INPUT = Exit.BAD_INPUT.code
 
 
 class TrainerError(Exception):
     """An error with a one-line message meant for people; never shown with a traceback."""
 
-    reason = "TrainingFailed"
+    reason = Exit.TRAINING_FAILED.reason
     exit_code = EXIT_TRAINING_FAILED
 
 
 class InvalidJobError(TrainerError):
-    reason = "InvalidJob"
+    reason = Exit.INVALID_JOB.reason
     exit_code = EXIT_INVALID_JOB
 
 
 class BadInputError(TrainerError):
     """Missing bucket, model or dataset, unreadable data, GPUs asked for but absent..."""
 
-    reason = "BadInput"
+    reason = Exit.BAD_INPUT.reason
     exit_code = EXIT_BAD_INPUT
 
 

@@ -149,7 +149,7 @@ def run_job(job: FineTuneJob, fresh: bool = False) -> int:
     job = with_absolute_file_uris(job)
     upload_mode = (os.environ.get(UPLOAD_MODE_ENV) or DEFAULT_UPLOAD_MODE).upper()
     if upload_mode not in ("SYNC", "ASYNC"):
-        return fail("BadInput", f"{UPLOAD_MODE_ENV}={upload_mode!r}: expected SYNC or ASYNC", EXIT_BAD_INPUT)
+        return fail(BadInputError.reason, f"{UPLOAD_MODE_ENV}={upload_mode!r}: expected SYNC or ASYNC", EXIT_BAD_INPUT)
     try:
         ckpt = preflight(job)
     except TrainerError as exc:
@@ -196,7 +196,7 @@ def run_job(job: FineTuneJob, fresh: bool = False) -> int:
         result = trainer.fit()
     except Exception as exc:  # Ray Train wraps the worker's exception
         cause = _root_cause(exc)
-        reason = getattr(cause, "reason", None) or "TrainingFailed"
+        reason = getattr(cause, "reason", None) or TrainerError.reason
         code = getattr(cause, "exit_code", EXIT_TRAINING_FAILED)
         _drain_logs()
         return fail(reason, f"training failed: {type(cause).__name__}: {_one_line(cause)}", code)
