@@ -43,7 +43,7 @@ class FSDPStrategy(Strategy):
         super().__init__(job, device)
         self.spec = job.spec.strategy.fsdp
         self.grad_accum = self.training.gradient_accumulation_steps
-        self.model = self.optimizer = self.scheduler = self.scaler = None
+        self.model = self.optimizer = self.scheduler = self.scaler = self._hf_model = None
 
     def prepare(self, model_path: str, total_steps: int) -> None:
         from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
