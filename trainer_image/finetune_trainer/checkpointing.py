@@ -160,7 +160,7 @@ def save(strategy, state: TrainerState, rank: int, world: int, metrics: dict, di
 
     local = tempfile.mkdtemp(prefix=f"finetune-ckpt-rank{rank}-")
     try:
-        strategy.save(local, TAG)
+        strategy.save_checkpoint(local, TAG)
         write_state(local, rank, state, world)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=dir_name, checkpoint_upload_mode=upload_mode,
@@ -239,7 +239,7 @@ def restore(strategy, checkpoint, rank: int) -> TrainerState:
     try:
         checkpoint.to_directory(local)
         verify_complete(local, checkpoint.path)
-        strategy.load(local, TAG)
+        strategy.load_checkpoint(local, TAG)
         state = read_state(local, rank)
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule shared by both strategies."""
+"""Optimizer and learning-rate schedule shared by every strategy."""
 
 from __future__ import annotations
 
@@ -38,3 +38,8 @@ def make_adamw(groups, training, device_is_cpu: bool):
     # foreach kernels are the fast path on both CPU and GPU; fused only exists on GPU.
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=training.weight_decay, foreach=True)
+
+
+def make_optimizer(named_params, training, device_is_cpu: bool, no_decay_names: set[str] | None = None):
+    """The AdamW every strategy trains with, over the trainable parameters of `named_params`."""
+    return make_adamw(decay_groups(named_params, training.weight_decay, no_decay_names), training, device_is_cpu)

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (stage 1/2/3, CPU offload) behind the trainer's Strategy interface."""
+"""DeepSpeed ZeRO (stage 1/2/3, CPU offload) behind the trainer's Strategy interface (strategies.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from .schedule import decay_groups, make_adamw, make_scheduler
+from .model_prep import prepare_model
+from .schedule import make_optimizer, make_scheduler
+from .strategies import Strategy, register
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -55,29 +57,29 @@ def build_ds_config(training, deepspeed_spec) -> dict[str, Any]:
     return deep_merge(config, deepspeed_spec.config or {})
 
 
-class DeepSpeedStrategy:
+@register
+class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
-    def __init__(self, job, model_path: str, revision: str | None, device: torch.device, total_steps: int):
+    def __init__(self, job, device: torch.device):
+        super().__init__(job, device)
+        self.config = build_ds_config(self.training, job.spec.strategy.deepspeed)
+        self.stage = int(self.config["zero_optimization"].get("stage", 0))
+        self.engine = None
+
+    def prepare(self, model_path: str, total_steps: int) -> None:
         import deepspeed
 
-        from .model_io import load_model
-
-        training = job.spec.training
-        self.config = build_ds_config(training, job.spec.strategy.deepspeed)
-        self.stage = int(self.config["zero_optimization"].get("stage", 0))
+        training = self.training
         # Each rank loads the full model into CPU memory, then deepspeed.initialize partitions
         # it (ZeRO-3 keeps 1/world of it). Loading straight into partitions needs
         # transformers' HfDeepSpeedConfig, which requires the `accelerate` package; we do not
         # ship it, so a model must fit in a node's CPU memory once per local rank.
-        model = load_model(model_path, revision, torch.float32)
-        if training.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        prep = prepare_model(self.job, model_path)
+        model = prep.model
         optimizer = scheduler = None
         if "optimizer" not in self.config:
-            optimizer = make_adamw(decay_groups(model.named_parameters(), training.weight_decay), training,
-                                   device.type == "cpu")
+            optimizer = make_optimizer(model.named_parameters(), training, self.device.type == "cpu", prep.no_decay)
         if "scheduler" not in self.config:
             # A callable: DeepSpeed builds it on the optimizer it wraps and steps it at each
             # gradient-accumulation boundary; its state is in DeepSpeed's checkpoints.
@@ -86,8 +88,10 @@ class DeepSpeedStrategy:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=self.config,
                                                     model_parameters=None if optimizer else model.parameters())
-        self.hf_model = self.engine.module
-        self.device = device
+
+    @property
+    def hf_model(self):
+        return self.engine.module
 
     def forward_backward(self, input_ids: torch.Tensor, boundary: bool) -> float:
         # DeepSpeed scales the loss by 1/gradient_accumulation_steps and defers the optimizer
@@ -100,16 +104,16 @@ class DeepSpeedStrategy:
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def save(self, directory: str, tag: str) -> None:
+    def save_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.save_checkpoint(directory, tag=tag, save_latest=True)
 
-    def load(self, directory: str, tag: str) -> None:
+    def load_checkpoint(self, directory: str, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {directory}")
 
-    def full_state_dict(self) -> dict | None:
+    def final_state_dict(self) -> dict | None:
         """Collective. The whole model on rank 0 (in the training precision: bf16 under bf16,
         fp32 under fp32), None elsewhere."""
         if self.stage == 3:

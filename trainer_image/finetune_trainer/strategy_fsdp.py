@@ -1,4 +1,5 @@
-"""PyTorch FSDP (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD) behind the Strategy interface.
+"""PyTorch FSDP (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD) behind the Strategy interface
+(strategies.py).
 
 torch FSDP is used directly: Ray's prepare_model(parallel_strategy="fsdp") refuses CPU, and
 we need control over the mesh (HYBRID_SHARD), mixed precision and checkpoint format.
@@ -12,7 +13,9 @@ import functools
 import torch
 import torch.distributed as dist
 
-from .schedule import decay_groups, make_adamw, make_scheduler
+from .model_prep import COMPUTE_DTYPE, prepare_model
+from .schedule import make_optimizer, make_scheduler
+from .strategies import Strategy, register
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -32,32 +35,32 @@ def hybrid_mesh_shape(world_size: int, gpus_per_worker: int) -> tuple[int, int]:
     return world_size // shards, shards
 
 
-class FSDPStrategy:
+@register
+class FSDPStrategy(Strategy):
     name = "fsdp"
 
-    def __init__(self, job, model_path: str, revision: str | None, device: torch.device, total_steps: int):
+    def __init__(self, job, device: torch.device):
+        super().__init__(job, device)
+        self.spec = job.spec.strategy.fsdp
+        self.grad_accum = self.training.gradient_accumulation_steps
+        self.model = self.optimizer = self.scheduler = self.scaler = self._hf_model = None
+
+    def prepare(self, model_path: str, total_steps: int) -> None:
         from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-        from .model_io import load_model
-
-        training = job.spec.training
-        spec = job.spec.strategy.fsdp
-        self.training = training
-        model = load_model(model_path, revision, torch.float32)  # fp32 master weights
-        if training.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        no_decay = {n for n, p in model.named_parameters() if p.ndim < 2}
+        training, spec, device = self.training, self.spec, self.device
+        prep = prepare_model(self.job, model_path)  # fp32 master weights
+        model = prep.model
         # Wrap each decoder layer in its own FSDP unit (HF names them in _no_split_modules),
         # so only one layer's full weights exist at a time.
         layer_names = set(getattr(model, "_no_split_modules", None) or [])
         layer_classes = {type(m) for m in model.modules() if type(m).__name__ in layer_names}
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes) if layer_classes else None
         mixed = None
-        if training.precision in ("bf16", "fp16"):
-            low = torch.bfloat16 if training.precision == "bf16" else torch.float16
+        low = COMPUTE_DTYPE[training.precision]
+        if low is not None:
             # Compute in low precision, reduce gradients in fp32 for accuracy.
             mixed = MixedPrecision(param_dtype=low, reduce_dtype=torch.float32, buffer_dtype=None)
         kwargs = {}
@@ -65,7 +68,7 @@ class FSDPStrategy:
         if sharding == ShardingStrategy.HYBRID_SHARD:
             from torch.distributed.device_mesh import init_device_mesh
 
-            shape = hybrid_mesh_shape(dist.get_world_size(), job.spec.resources.gpus_per_worker)
+            shape = hybrid_mesh_shape(dist.get_world_size(), self.job.spec.resources.gpus_per_worker)
             kwargs["device_mesh"] = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
         offload = spec.cpu_offload and device.type == "cuda"
         if spec.cpu_offload and not offload and dist.get_rank() == 0:
@@ -77,17 +80,18 @@ class FSDPStrategy:
         self.model = FSDP(model, sharding_strategy=sharding, auto_wrap_policy=policy, mixed_precision=mixed,
                           cpu_offload=CPUOffload(offload_params=offload),
                           device_id=device, use_orig_params=True, **kwargs)
-        self.hf_model = model
+        self._hf_model = model
         named = [(clean_name(n), p) for n, p in self.model.named_parameters()]
-        self.optimizer = make_adamw(decay_groups(named, training.weight_decay, no_decay), training,
-                                    device.type == "cpu")
+        self.optimizer = make_optimizer(named, training, device.type == "cpu", prep.no_decay)
         self.scheduler = make_scheduler(self.optimizer, training, total_steps)
-        self.scaler = None
         if training.precision == "fp16":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             self.scaler = ShardedGradScaler()
-        self.grad_accum = training.gradient_accumulation_steps
+
+    @property
+    def hf_model(self):
+        return self._hf_model
 
     def forward_backward(self, input_ids: torch.Tensor, boundary: bool) -> float:
         # Between boundaries skip the gradient reduce-scatter (no_sync) and accumulate locally.
@@ -122,7 +126,7 @@ class FSDPStrategy:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, directory: str, tag: str) -> None:
+    def save_checkpoint(self, directory: str, tag: str) -> None:
         # Sharded save: each rank writes only its own shards (__<rank>_*.distcp) into its own
         # directory, the coordinator adds .metadata; Ray Train merges the directories.
         import torch.distributed.checkpoint as dcp
@@ -132,7 +136,7 @@ class FSDPStrategy:
                     "scaler": self.scaler.state_dict() if self.scaler else None},
                    f"{directory}/{tag}_schedule_rank{dist.get_rank()}.pt")
 
-    def load(self, directory: str, tag: str) -> None:
+    def load_checkpoint(self, directory: str, tag: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -145,7 +149,7 @@ class FSDPStrategy:
         if self.scaler is not None and extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
 
-    def full_state_dict(self) -> dict | None:
+    def final_state_dict(self) -> dict | None:
         """Collective. The whole model (fp32 master weights) on rank 0, None elsewhere."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

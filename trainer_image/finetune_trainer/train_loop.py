@@ -1,4 +1,10 @@
-"""The per-worker training loop that Ray Train runs in every training process."""
+"""The per-worker training loop that Ray Train runs in every training process.
+
+`train_func(config)` is what the TorchTrainer runs; it drives a `Trainer` through its named
+steps: setup (data, plan, strategy and model), restore (automatic resume), then train_step /
+after_step until the plan's last step (progress, maybe_checkpoint, the test hook), and finish
+(the final model).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import checkpointing
+from . import checkpointing, strategies
 from .checkpointing import TrainerState
 from .errors import InjectedFault, TrainerError
 from .progress import ProgressReporter, emit, say
@@ -46,139 +52,201 @@ def _broadcast(obj, device):
     return box[0]
 
 
-def train_func(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+class Trainer:
+    """One training process's run of a job. Every rank runs the same steps in the same order
+    (most of them hold collectives); what only rank 0 does is marked."""
 
-    from finetune_api.model import FineTuneJob
+    def __init__(self, config: dict):
+        import ray.train
+        import ray.train.torch
 
-    from .data import epoch_batches, load_shard, plan_steps, tokenize_and_pack
-    from .model_io import load_tokenizer, local_model_dir, write_final_model
-    from .storage import S3Settings, resolve
+        from finetune_api.model import FineTuneJob
 
-    # torch.distributed's deprecation notices fire on every ZeRO collective; they would
-    # drown the progress lines in the driver log.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    job = FineTuneJob.from_document(config["job"])
-    fresh = bool(config.get("fresh"))
-    upload_mode = ray.train.CheckpointUploadMode[config.get("upload_mode", "SYNC")]
-    spec, training = job.spec, job.spec.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    _seed_everything(training.seed)
-    settings = S3Settings.from_spec(spec.s3)
+        from .storage import S3Settings
 
-    # --- data: this rank's documents, packed; all ranks agree on the number of batches.
-    model_path = local_model_dir(spec.model.uri, spec.model.revision, settings)
-    tokenizer = load_tokenizer(model_path, spec.model.revision)
-    data_loc = resolve(spec.dataset.uri, settings)
-    docs = load_shard(data_loc, spec.dataset.format, spec.dataset.text_field, rank, world)
-    sequences = tokenize_and_pack(docs, tokenizer, spec.dataset.max_seq_length)
-    mbs, gas = training.micro_batch_size, training.gradient_accumulation_steps
-    n_batches = int(_all_reduce([len(sequences) // mbs], device, dist.ReduceOp.MIN)[0])
-    plan = plan_steps(n_batches, gas, training.epochs, training.max_steps)
-    if plan.total_steps == 0:
-        raise TrainerError(
-            f"the dataset is too small for one optimizer step: {n_batches} micro-batches of "
-            f"{mbs} x {spec.dataset.max_seq_length} tokens per worker, {gas} needed per step "
-            f"with {world} workers; use more data or a smaller maxSeqLength/microBatchSize")
+        self.job = FineTuneJob.from_document(config["job"])
+        self.spec, self.training = self.job.spec, self.job.spec.training
+        self.fresh = bool(config.get("fresh"))
+        self.upload_mode = ray.train.CheckpointUploadMode[config.get("upload_mode", "SYNC")]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.settings = S3Settings.from_spec(self.spec.s3)
+        self.state = TrainerState()
+        self.resumed_from: int | None = None
+        self.loss = float("nan")
+        self._epoch_batches: tuple[int, list] | None = None  # (epoch, its micro-batches)
 
-    # --- model, optimizer, schedule
-    if spec.strategy.type == "deepspeed":
-        from .strategy_deepspeed import DeepSpeedStrategy as Strategy
-    else:
-        from .strategy_fsdp import FSDPStrategy as Strategy
-    strategy = Strategy(job, model_path, spec.model.revision, device, plan.total_steps)
+    def run(self) -> None:
+        self.setup()
+        self.restore()
+        self.start()
+        while self.state.step < self.plan.total_steps:
+            self.after_step(self.train_step())
+        self.finish()
 
-    # --- automatic resume: Ray Train hands back the latest complete checkpoint of this run
-    # name; --fresh deliberately ignores it.
-    state = TrainerState()
-    resumed_from = None
-    checkpoint = None if fresh else ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = checkpointing.restore(strategy, checkpoint, rank)
-        resumed_from = state.step
-    # A name per attempt keeps a --fresh rerun from writing into an older run's directories.
-    attempt = _broadcast(time.strftime("%Y%m%d-%H%M%S"), device)
+    # --- setup -----------------------------------------------------------------------------
 
-    tokens_per_step = world * mbs * gas * spec.dataset.max_seq_length
-    if rank == 0:
-        emit("started", totalSteps=plan.total_steps, resumedFromStep=resumed_from or 0,
-             workers=world, strategy=spec.strategy.type)
-    reporter = ProgressReporter(plan.total_steps, state.step, tokens_per_step)
-    # s3://: every rank uploads its own part with boto3 (checkpointing.s3_upload_fn); other
-    # schemes keep Ray Train's own copy.
-    upload_fn = checkpointing.s3_upload_fn(settings, rank) if spec.checkpoint.uri.startswith("s3://") else None
-    announcer = checkpointing.Announcer() if rank == 0 else None
-    sync_upload = upload_mode == ray.train.CheckpointUploadMode.SYNC
-    fault_after = os.environ.get(FAULT_HOOK_ENV)
-    fault_after = int(fault_after) if fault_after and resumed_from is None else None
-    batches_per_epoch = plan.steps_per_epoch * gas
+    def setup(self) -> None:
+        """Data (this rank's documents, packed; every rank agrees on the number of batches), the
+        step plan, and the strategy with the prepared model, optimizer and schedule."""
+        from .data import load_shard, plan_steps, tokenize_and_pack
+        from .model_io import load_tokenizer, local_model_dir
+        from .storage import resolve
 
-    def save_checkpoint(loss: float) -> None:
+        spec, training = self.spec, self.training
+        _seed_everything(training.seed)
+        strategy = strategies.lookup(spec.strategy.type)  # an unknown type fails before any download
+        model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
+        self.tokenizer = load_tokenizer(model_path, spec.model.revision)
+        docs = load_shard(resolve(spec.dataset.uri, self.settings), spec.dataset.format, spec.dataset.text_field,
+                          self.rank, self.world)
+        self.sequences = tokenize_and_pack(docs, self.tokenizer, spec.dataset.max_seq_length)
+        self.mbs, self.gas = training.micro_batch_size, training.gradient_accumulation_steps
+        n_batches = int(_all_reduce([len(self.sequences) // self.mbs], self.device, dist.ReduceOp.MIN)[0])
+        self.plan = plan_steps(n_batches, self.gas, training.epochs, training.max_steps)
+        if self.plan.total_steps == 0:
+            raise TrainerError(
+                f"the dataset is too small for one optimizer step: {n_batches} micro-batches of "
+                f"{self.mbs} x {spec.dataset.max_seq_length} tokens per worker, {self.gas} needed per step "
+                f"with {self.world} workers; use more data or a smaller maxSeqLength/microBatchSize")
+        self.batches_per_epoch = self.plan.steps_per_epoch * self.gas
+        self.strategy = strategy(self.job, self.device)
+        self.strategy.prepare(model_path, self.plan.total_steps)
+
+    def restore(self) -> None:
+        """Automatic resume: Ray Train hands back the latest complete checkpoint of this run
+        name; --fresh deliberately ignores it."""
+        import ray.train
+
+        checkpoint = None if self.fresh else ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.state = checkpointing.restore(self.strategy, checkpoint, self.rank)
+            self.resumed_from = self.state.step
+        if self.state.loss is not None:
+            self.loss = self.state.loss
+        # A name per attempt keeps a --fresh rerun from writing into an older run's directories.
+        self.attempt = _broadcast(time.strftime("%Y%m%d-%H%M%S"), self.device)
+
+    def start(self) -> None:
+        """The `started` event (rank 0), the progress reporter, checkpoint uploads, the test hook."""
+        import ray.train
+
+        spec = self.spec
+        self.tokens_per_step = self.world * self.mbs * self.gas * spec.dataset.max_seq_length
+        if self.rank == 0:
+            emit("started", totalSteps=self.plan.total_steps, resumedFromStep=self.resumed_from or 0,
+                 workers=self.world, strategy=spec.strategy.type)
+        self.reporter = ProgressReporter(self.plan.total_steps, self.state.step, self.tokens_per_step)
+        # s3://: every rank uploads its own part with boto3 (checkpointing.s3_upload_fn); other
+        # schemes keep Ray Train's own copy.
+        self.upload_fn = (checkpointing.s3_upload_fn(self.settings, self.rank)
+                          if spec.checkpoint.uri.startswith("s3://") else None)
+        self.announcer = checkpointing.Announcer() if self.rank == 0 else None
+        self.sync_upload = self.upload_mode == ray.train.CheckpointUploadMode.SYNC
+        fault_after = os.environ.get(FAULT_HOOK_ENV)
+        self.fault_after = int(fault_after) if fault_after and self.resumed_from is None else None
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _batches_of(self, epoch: int) -> list:
+        from .data import epoch_batches
+
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, epoch_batches(self.sequences, self.mbs, self.training.seed, epoch,
+                                                        self.batches_per_epoch))
+        return self._epoch_batches[1]
+
+    def train_step(self) -> float:
+        """One optimizer step: the next `gradientAccumulationSteps` micro-batches from the data
+        position in the state, which it advances. Returns the loss averaged over every rank."""
+        state = self.state
+        # Steps never straddle epochs: an epoch is a whole number of steps' micro-batches.
+        batches = self._batches_of(state.epoch)
+        micro_losses: list[float] = []
+        for i in range(self.gas):
+            input_ids = torch.tensor(batches[state.batch + i], dtype=torch.long, device=self.device)
+            micro_losses.append(self.strategy.forward_backward(input_ids, boundary=i == self.gas - 1))
+        state.step += 1
+        state.tokens_seen += self.tokens_per_step
+        state.batch += self.gas
+        if state.batch == self.batches_per_epoch:
+            state.epoch, state.batch = state.epoch + 1, 0
+        return _all_reduce([sum(micro_losses) / len(micro_losses)], self.device)[0] / self.world
+
+    def after_step(self, loss: float) -> None:
+        state = self.state
+        self.loss = loss
+        if self.announcer is not None:
+            self.announcer.poll()  # ASYNC checkpoints registered since the last step
+        if self.rank == 0:
+            # Checkpoint steps are always printed: a resumed run can be compared there.
+            self.reporter.step(state.step, state.epoch if state.batch else state.epoch - 1, loss,
+                               self.strategy.learning_rate(), force=state.step % self.spec.checkpoint.every_steps == 0)
+        self.maybe_checkpoint()
+        self.maybe_inject_fault()
+
+    def maybe_checkpoint(self) -> None:
+        if self.state.step % self.spec.checkpoint.every_steps == 0 or self.state.step == self.plan.total_steps:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Collective: every rank saves and reports its part; rank 0 announces it."""
+        state, announcer = self.state, self.announcer
         began = time.monotonic()
-        if announcer is not None and announcer.pending and not sync_upload:
+        if announcer is not None and announcer.pending and not self.sync_upload:
             # ASYNC: at most one checkpoint upload in flight. Ray Train queues uploads behind
             # one thread per worker; without this, checkpoints due faster than they upload
             # would pile up on local disk, each announced later than the one before.
             announcer.flush(FINAL_UPLOADS_TIMEOUT_S)
         state.rng = checkpointing.capture_rng()
-        state.loss = loss
-        dir_name = f"checkpoint_step{state.step:08d}_{attempt}"
-        checkpointing.save(strategy, state, rank, world, {"step": state.step, "loss": loss}, dir_name,
-                           upload_mode, upload_fn)
-        if rank == 0:
-            announcer.add(state.step, dir_name, f"{job.checkpoint_run_uri}/{dir_name}")
-            if sync_upload:
+        state.loss = self.loss
+        dir_name = f"checkpoint_step{state.step:08d}_{self.attempt}"
+        checkpointing.save(self.strategy, state, self.rank, self.world, {"step": state.step, "loss": self.loss},
+                           dir_name, self.upload_mode, self.upload_fn)
+        if announcer is not None:
+            announcer.add(state.step, dir_name, f"{self.job.checkpoint_run_uri}/{dir_name}")
+            if self.sync_upload:
                 # The `checkpoint` event only once the controller has registered it (every
                 # rank's upload done, and the one a rerun resumes from). The other ranks go on
                 # and wait for rank 0 in the next step's collectives. A rank slower than this
                 # wait leaves it to the next step boundaries' polls.
                 announcer.poll(wait_s=REGISTER_TIMEOUT_S)
             else:
-                announcer.poll()  # ASYNC: announced at a later step boundary (poll below)
+                announcer.poll()  # ASYNC: announced at a later step boundary (after_step)
             # How long training stood still for this checkpoint (save + upload + registration
             # with SYNC; with ASYNC the local save, plus the wait for the previous upload when
             # it is still running).
             say(f"finetune-train: checkpoint at step {state.step} stalled training for "
-                f"{time.monotonic() - began:.2f}s ({upload_mode.name} upload)")
+                f"{time.monotonic() - began:.2f}s ({self.upload_mode.name} upload)")
 
-    loss = state.loss if state.loss is not None else float("nan")
-    while state.step < plan.total_steps:
-        batches = epoch_batches(sequences, mbs, training.seed, state.epoch, batches_per_epoch)
-        micro_losses: list[float] = []
-        for b in range(state.batch, batches_per_epoch):
-            boundary = (b + 1) % gas == 0
-            input_ids = torch.tensor(batches[b], dtype=torch.long, device=device)
-            micro_losses.append(strategy.forward_backward(input_ids, boundary))
-            if not boundary:
-                continue
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            state.epoch, state.batch = (state.epoch, b + 1) if b + 1 < batches_per_epoch else (state.epoch + 1, 0)
-            loss = _all_reduce([sum(micro_losses) / len(micro_losses)], device)[0] / world
-            micro_losses = []
-            if announcer is not None:
-                announcer.poll()  # ASYNC checkpoints registered since the last step
-            if rank == 0:
-                # Checkpoint steps are always printed: a resumed run can be compared there.
-                reporter.step(state.step, state.epoch if state.batch else state.epoch - 1, loss,
-                              strategy.learning_rate(), force=state.step % spec.checkpoint.every_steps == 0)
-            if state.step % spec.checkpoint.every_steps == 0 or state.step == plan.total_steps:
-                save_checkpoint(loss)
-            if fault_after is not None and state.step == fault_after and rank == 0:
-                announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # "after that step's checkpoint": complete
-                raise InjectedFault(f"test hook {FAULT_HOOK_ENV}={fault_after}: injected failure after step {state.step}")
-            if state.step >= plan.total_steps:
-                break
+    def maybe_inject_fault(self) -> None:
+        if self.fault_after is not None and self.state.step == self.fault_after and self.rank == 0:
+            self.announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # "after that step's checkpoint": complete
+            raise InjectedFault(f"test hook {FAULT_HOOK_ENV}={self.fault_after}: "
+                                f"injected failure after step {self.state.step}")
 
-    if announcer is not None:
-        announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # ASYNC uploads still running
+    # --- the end ---------------------------------------------------------------------------
 
-    # --- the consolidated Hugging Face model, written by rank 0 (the gather is collective).
-    full = strategy.full_state_dict()
-    if rank == 0:
-        write_final_model(strategy.hf_model, full, tokenizer, resolve(job.final_model_uri, settings))
-    dist.barrier()
-    ray.train.report({"step": state.step, "loss": loss, "model_uri": job.final_model_uri})
+    def finish(self) -> None:
+        """Collective: the consolidated Hugging Face model, written by rank 0, and the last report."""
+        import ray.train
+
+        from .model_io import write_final_model
+        from .storage import resolve
+
+        if self.announcer is not None:
+            self.announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # ASYNC uploads still running
+        full = self.strategy.final_state_dict()  # the gather is collective
+        if self.rank == 0:
+            write_final_model(self.strategy.hf_model, full, self.tokenizer,
+                              resolve(self.job.final_model_uri, self.settings))
+        dist.barrier()
+        ray.train.report({"step": self.state.step, "loss": self.loss, "model_uri": self.job.final_model_uri})
+
+
+def train_func(config: dict) -> None:
+    # torch.distributed's deprecation notices fire on every ZeRO collective; they would
+    # drown the progress lines in the driver log.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    Trainer(config).run()

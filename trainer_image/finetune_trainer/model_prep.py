@@ -1,0 +1,86 @@
+"""Model preparation: the named steps that turn the base model into the module a strategy wraps.
+
+Every strategy calls `prepare_model` before it shards or wraps the model, so ZeRO and FSDP train
+the same prepared model. The steps run in the order of STEPS; each takes the `ModelPrep` and
+changes it in place. Adding a step (adapters, loading on the meta device) is one function and
+one line in STEPS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import model_io
+
+# spec.training.precision -> the dtype the weights are loaded and kept in. Mixed precision keeps
+# fp32 master weights: the strategy casts for the math (DeepSpeed's bf16/fp16 engine, FSDP's
+# MixedPrecision with COMPUTE_DTYPE) and the optimizer updates the fp32 copy.
+WEIGHTS_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32}
+# spec.training.precision -> the dtype of the forward and backward math; None: the weights'.
+COMPUTE_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelPrep:
+    """What the steps read (the job, where the model is) and what they produce."""
+
+    job: Any  # finetune_api.model.FineTuneJob
+    path: str  # a local directory or Hub repo id that from_pretrained reads
+    dtype: torch.dtype | None = None  # set by the `precision` step
+    model: Any = None  # the Hugging Face model, set by the `load` step
+    # Parameters that get no weight decay (biases, norm weights: 1-D), named before any wrapper
+    # flattens them and their shapes no longer tell.
+    no_decay: set[str] = field(default_factory=set)
+
+    @property
+    def training(self):
+        return self.job.spec.training
+
+
+def set_precision(prep: ModelPrep) -> None:
+    prep.dtype = WEIGHTS_DTYPE[prep.training.precision]
+
+
+def load(prep: ModelPrep) -> None:
+    # Through the module attribute, so a wrapper put on model_io.load_model (bench/_hooks) sees it.
+    prep.model = model_io.load_model(prep.path, prep.job.spec.model.revision, prep.dtype)
+
+
+def train_mode(prep: ModelPrep) -> None:
+    # from_pretrained returns the model in eval mode; activation checkpointing (and dropout, in
+    # models that have it) only act in training mode.
+    prep.model.train()
+
+
+def activation_checkpointing(prep: ModelPrep) -> None:
+    if not prep.training.activation_checkpointing:
+        return
+    # Non-reentrant checkpointing: works with frozen inputs, ZeRO-3's parameter hooks and FSDP.
+    prep.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    prep.model.config.use_cache = False  # the KV cache is useless in training and clashes with recompute
+
+
+def name_no_decay(prep: ModelPrep) -> None:
+    prep.no_decay = {n for n, p in prep.model.named_parameters() if p.ndim < 2}
+
+
+STEPS: tuple[tuple[str, Callable[[ModelPrep], None]], ...] = (
+    ("precision", set_precision),
+    ("load", load),
+    ("train_mode", train_mode),
+    ("activation_checkpointing", activation_checkpointing),
+    # Last: the names of the parameters the optimizer will see.
+    ("name_no_decay", name_no_decay),
+)
+
+
+def prepare_model(job, path: str) -> ModelPrep:
+    """Run every step of STEPS on the job's base model at `path`; the result's `model` is ready
+    for the strategy to shard or wrap."""
+    prep = ModelPrep(job=job, path=path)
+    for _name, step in STEPS:
+        step(prep)
+    return prep

@@ -1,0 +1,122 @@
+"""The interface every training strategy implements, and the registry keyed by spec.strategy.type.
+
+A strategy is one module named `strategy_<something>.py` in this package holding a `Strategy`
+subclass decorated with `@register`; nothing else names it. `lookup` imports those modules the
+first time it is asked (they import deepspeed or torch FSDP only when a strategy is built), so
+the registry is exactly the strategies this trainer ships.
+
+The life of a strategy, as the training loop drives it:
+  strategy = create(job, device)                  # reads its own spec section
+  strategy.prepare(model_path, total_steps)       # model_prep.prepare_model, wrap, optimizer
+  loss = strategy.forward_backward(ids, boundary)  # per micro-batch; steps at the boundary
+  strategy.save_checkpoint(dir, tag) / load_checkpoint(dir, tag)   # this rank's shard
+  strategy.final_state_dict()                     # collective: the whole model on rank 0
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from .errors import InvalidJobError
+
+MODULE_PREFIX = "strategy_"
+
+
+class Strategy(ABC):
+    """How the model is distributed over the ranks: wrapping, optimizer, backward and step,
+    and the checkpoint format. Built on every rank; methods marked collective must be called
+    on every rank."""
+
+    name: ClassVar[str]  # the spec.strategy.type it implements
+
+    def __init__(self, job, device):
+        self.job = job
+        self.training = job.spec.training
+        self.device = device
+
+    @abstractmethod
+    def prepare(self, model_path: str, total_steps: int) -> None:
+        """Collective. Build the model through `model_prep.prepare_model`, shard or wrap it, and
+        build the optimizer and the learning-rate schedule for `total_steps` optimizer steps."""
+
+    @property
+    @abstractmethod
+    def hf_model(self):
+        """The Hugging Face model inside the wrappers (its config and save_pretrained write the
+        final model)."""
+
+    @abstractmethod
+    def forward_backward(self, input_ids, boundary: bool) -> float:
+        """One micro-batch: forward, backward, and at a gradient-accumulation boundary the
+        optimizer and scheduler step. Returns this rank's unscaled loss."""
+
+    @abstractmethod
+    def learning_rate(self) -> float:
+        """The learning rate of the next optimizer step."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """Collective. This rank's part of the model, optimizer and schedule, into `directory`."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        """Collective. The inverse of `save_checkpoint`, from a directory holding every rank's part."""
+
+    @abstractmethod
+    def final_state_dict(self) -> dict | None:
+        """Collective. The whole model's state dict on rank 0, None on the other ranks."""
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_discovered = False
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make `cls` the implementation of spec.strategy.type `cls.name`."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"{cls!r} is not a Strategy subclass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} has no strategy name (class attribute `name`)")
+    other = _REGISTRY.get(name)
+    if other is not None and other is not cls:
+        raise ValueError(f"strategy {name!r} is registered twice: {other.__module__}.{other.__qualname__} "
+                         f"and {cls.__module__}.{cls.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.startswith(MODULE_PREFIX):
+            importlib.import_module(f"{__package__}.{module.name}")
+    _discovered = True
+
+
+def available() -> list[str]:
+    """The strategy types this trainer implements."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def lookup(type_name: str) -> type[Strategy]:
+    """The Strategy class for spec.strategy.type `type_name`; a job naming one this trainer does
+    not have (an API newer than the trainer image) is an invalid job, not a crash."""
+    _discover()
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        raise InvalidJobError(f"spec.strategy.type: unknown strategy {type_name!r}; this trainer "
+                              f"implements {', '.join(available()) or 'none'}")
+    return cls
+
+
+def create(job, device) -> Strategy:
+    """The strategy the job asks for, configured from its spec; `prepare` builds the model."""
+    return lookup(job.spec.strategy.type)(job, device)
