@@ -241,6 +241,11 @@ S3 = obj(
         "endpoint": string("S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty "
                            "for AWS.", pattern=r"^$|^https?://[^\s/]+(/.*)?$"),
         "region": string("Bucket region.", default="us-east-1", minLength=1),
+        "maxAttempts": integer("Attempts per S3 request (uploads, downloads, listings) before "
+                               "the run fails: standard retry mode, exponential back-off with "
+                               "jitter, up to 20 s between attempts. The default rides out "
+                               "about a minute of connection resets or throttling.",
+                               minimum=1, maximum=30, default=10),
     },
     default={},
 )

@@ -11,6 +11,13 @@ Uploads to s3:// (checkpoint shards, the final model) go through boto3's S3 Tran
 (`upload_dir`): multipart, threaded, all of a directory's files in one manager. pyarrow's
 `copy_files`, which Ray Train uses by default, must run single-threaded for S3 uploads
 (apache/arrow#32372) and moved less than half of boto3's MB/s in bench/checkpoint_io.
+
+Transient faults (connection resets, throttling, 5xx): every S3 request, boto3's and pyarrow's,
+is retried in the SDKs' standard retry mode, spec.s3.maxAttempts attempts with exponential
+back-off and full jitter capped at 20 s (both SDKs use the same formula), so the default of 10
+rides out about a minute of resets. A failure that still ends the run is raised as
+`StorageError`: one picklable line naming the operation, the object and the SDK's error,
+because botocore's own exceptions cannot cross from a Ray worker to the driver.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from .errors import BadInputError
+from .errors import BadInputError, StorageError
+
+DEFAULT_MAX_ATTEMPTS = 10  # spec.s3.maxAttempts' default (the schema holds the rule)
 
 
 @dataclass(frozen=True)
@@ -32,10 +41,12 @@ class S3Settings:
 
     endpoint: str = ""
     region: str = "us-east-1"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     @classmethod
     def from_spec(cls, s3: Any) -> "S3Settings":
-        return cls(endpoint=getattr(s3, "endpoint", "") or "", region=getattr(s3, "region", "") or "us-east-1")
+        return cls(endpoint=getattr(s3, "endpoint", "") or "", region=getattr(s3, "region", "") or "us-east-1",
+                   max_attempts=getattr(s3, "max_attempts", None) or DEFAULT_MAX_ATTEMPTS)
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,25 @@ def _env_credentials() -> dict[str, str | None] | None:
     return None
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with the AWS SDK's standard retry strategy, which also survives
+    pickling: pyarrow's own pickle drops `retry_strategy` (back to 3 attempts), and Ray Train
+    pickles the run's storage filesystem into its controller and every worker, which restore
+    checkpoints and write Ray's run state through it."""
+
+    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, **options: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **options)
+        self._max_attempts = max_attempts
+        self._options = options
+
+    def __reduce__(self):
+        return _rebuild_s3_filesystem, (self._max_attempts, self._options)
+
+
+def _rebuild_s3_filesystem(max_attempts: int, options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
+
+
 def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     endpoint, scheme = _endpoint(settings)
     kwargs: dict[str, Any] = {"region": settings.region, "scheme": scheme}
@@ -89,7 +119,7 @@ def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     # Bounded retries and timeouts: a wrong endpoint must fail preflight in seconds, not hang.
     kwargs["connect_timeout"] = 10
     kwargs["request_timeout"] = 60
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(settings.max_attempts, **kwargs)
 
 
 # boto3 TransferManager settings for uploads. Parts of 16 MiB (boto3: 8 MiB): half the requests
@@ -113,7 +143,8 @@ def s3_client(settings: S3Settings, max_connections: int = UPLOAD_THREADS + 2):
         kwargs.update(aws_access_key_id=creds["key"], aws_secret_access_key=creds["secret"],
                       aws_session_token=creds["token"])
     config = Config(region_name=settings.region, connect_timeout=10, read_timeout=60,
-                    retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=max_connections)
+                    retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+                    max_pool_connections=max_connections)
     # A session of its own: boto3's default session is not thread-safe, and an ASYNC checkpoint
     # upload runs in Ray Train's upload thread.
     return boto3.session.Session().client("s3", endpoint_url=f"{scheme}://{endpoint}" if endpoint else None,
@@ -203,21 +234,35 @@ def upload_dir(local_dir: str, dest: Location) -> UploadStats:
         prefix = prefix.strip("/")
         config = TransferConfig(multipart_threshold=UPLOAD_PART_BYTES, multipart_chunksize=UPLOAD_PART_BYTES,
                                 max_concurrency=UPLOAD_THREADS)
-        client = s3_client(dest.settings or S3Settings())
-        with create_transfer_manager(client, config) as manager:
-            futures = [manager.upload(full, bucket, f"{prefix}/{rel}" if prefix else rel)
-                       for full, rel, _ in files]
-            for future in futures:
-                future.result()  # raises the first failure; leaving the block waits for the rest
+        settings = dest.settings or S3Settings()
+        client = s3_client(settings)
+        key = ""
+        try:
+            with create_transfer_manager(client, config) as manager:
+                keys = [(full, f"{prefix}/{rel}" if prefix else rel) for full, rel, _ in files]
+                futures = [(key, manager.upload(full, bucket, key)) for full, key in keys]
+                for key, future in futures:
+                    future.result()  # raises the first failure; leaving the block waits for the rest
+        except Exception as exc:  # botocore/s3transfer errors: not picklable, several lines
+            raise StorageError(f"S3 upload of s3://{bucket}/{key} failed after up to {settings.max_attempts} "
+                               f"attempts per request: {describe(exc)}") from None
         return UploadStats(len(files), total, time.perf_counter() - began, "boto3")
-    if dest.scheme == "file":
-        os.makedirs(dest.path, exist_ok=True)
-    else:
-        dest.filesystem.create_dir(dest.path, recursive=True)
-    pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=dest.filesystem, use_threads=True)
+    try:
+        if dest.scheme == "file":
+            os.makedirs(dest.path, exist_ok=True)
+        else:
+            dest.filesystem.create_dir(dest.path, recursive=True)
+        pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=dest.filesystem, use_threads=True)
+    except OSError as exc:  # disk full, read-only, permission: name where
+        raise StorageError(f"cannot write {dest.uri}: {describe(exc)}") from None
     return UploadStats(len(files), total, time.perf_counter() - began, "pyarrow")
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400] or type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """"ErrorType: message" on one line, for an SDK error inside a StorageError."""
+    return f"{type(exc).__name__}: {_one_line(exc)}"
