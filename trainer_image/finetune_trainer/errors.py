@@ -40,3 +40,8 @@ class StorageError(TrainerError):
     line naming the operation, the object or path, and the underlying error. Picklable, unlike
     botocore's exceptions, so it crosses from a Ray worker to the driver. A rerun may succeed,
     so it keeps TrainingFailed's exit code."""
+
+
+class WorkerError(TrainerError):
+    """A worker's exception that cannot be pickled (so cannot reach the driver as itself),
+    carried as its type and one-line message."""

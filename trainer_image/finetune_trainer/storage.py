@@ -266,3 +266,16 @@ def _one_line(exc: BaseException) -> str:
 def describe(exc: BaseException) -> str:
     """"ErrorType: message" on one line, for an SDK error inside a StorageError."""
     return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+def write_failure(what: str, path: str, exc: BaseException) -> StorageError:
+    """A failed local write as one line naming the path: torch and DeepSpeed report a full disk
+    as "file write failed" with no path, OSError names only one file; say which and why."""
+    reason = describe(exc)
+    try:
+        free = os.statvfs(path)
+        if free.f_bavail * free.f_frsize < 1 << 20:
+            reason = f"no space left on device ({reason})"
+    except OSError:
+        pass
+    return StorageError(f"cannot write {what} to {path}: {reason}")

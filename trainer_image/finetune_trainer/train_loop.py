@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from . import checkpointing
 from .checkpointing import TrainerState
-from .errors import InjectedFault, TrainerError
+from .errors import BadInputError, InjectedFault
 from .progress import ProgressReporter, emit, say
 
 # TEST HOOK, not a feature: FINETUNE_FAULT_AFTER_STEP=N makes rank 0 raise right after
@@ -38,12 +38,6 @@ def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)
     return t.tolist()
-
-
-def _broadcast(obj, device):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
 
 
 def train_func(config: dict) -> None:
@@ -79,8 +73,8 @@ def train_func(config: dict) -> None:
     n_batches = int(_all_reduce([len(sequences) // mbs], device, dist.ReduceOp.MIN)[0])
     plan = plan_steps(n_batches, gas, training.epochs, training.max_steps)
     if plan.total_steps == 0:
-        raise TrainerError(
-            f"the dataset is too small for one optimizer step: {n_batches} micro-batches of "
+        raise BadInputError(
+            f"the dataset {spec.dataset.uri} is too small for one optimizer step: {n_batches} micro-batches of "
             f"{mbs} x {spec.dataset.max_seq_length} tokens per worker, {gas} needed per step "
             f"with {world} workers; use more data or a smaller maxSeqLength/microBatchSize")
 
@@ -99,8 +93,9 @@ def train_func(config: dict) -> None:
     if checkpoint is not None:
         state = checkpointing.restore(strategy, checkpoint, rank)
         resumed_from = state.step
-    # A name per attempt keeps a --fresh rerun from writing into an older run's directories.
-    attempt = _broadcast(time.strftime("%Y%m%d-%H%M%S"), device)
+    # A name per attempt keeps a --fresh rerun from writing into an older run's directories;
+    # the driver's (launcher.attempt_name): unique, and the one its lease names.
+    attempt = config["attempt"]
 
     tokens_per_step = world * mbs * gas * spec.dataset.max_seq_length
     if rank == 0:
