@@ -137,7 +137,7 @@ class S3(_FromDict):
     secret_ref: str = ""
     endpoint: str = ""
     region: str = "us-east-1"
-    max_attempts: int = 10
+    max_attempts: int = 15
 
 
 @dataclass(frozen=True)

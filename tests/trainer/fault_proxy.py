@@ -8,6 +8,9 @@ the moment it is accepted, until the outage ends.
 `outage(seconds)` starts one now; `arm(pattern, seconds)` starts one at the first request from a
 client whose bytes match `pattern` (e.g. the PUT of a checkpoint shard), and resets that
 request's connection before it reaches the server, so the outage certainly hits that request.
+`arm(pattern, seconds, selective=True)` is a partial outage instead: for `seconds` from the
+first match, only requests matching `pattern` are reset (one worker's uploads fail, the rest
+of the traffic goes through).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class FaultProxy:
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._down_until = 0.0
-        self._armed: tuple[re.Pattern, float] | None = None
+        self._armed: tuple[re.Pattern, float, bool] | None = None
+        self._selective: tuple[re.Pattern, float] | None = None  # (pattern, until)
         self._live: set[tuple[socket.socket, socket.socket]] = set()
         self.resets = 0  # connections reset by outages
         self.triggered_at: float | None = None  # monotonic time an armed outage began
@@ -65,12 +69,12 @@ class FaultProxy:
             _reset(client)
             _reset(upstream)
 
-    def arm(self, pattern: bytes, seconds: float) -> None:
+    def arm(self, pattern: bytes, seconds: float, selective: bool = False) -> None:
         with self._lock:
-            self._armed = (re.compile(pattern), seconds)
+            self._armed = (re.compile(pattern), seconds, selective)
 
     def wait_until_up(self) -> None:
-        while self.down():
+        while self.down() or (self._selective and time.monotonic() < self._selective[1]):
             time.sleep(0.1)
 
     def close(self) -> None:
@@ -111,6 +115,8 @@ class FaultProxy:
                     if not data:
                         return
                     if key.fileobj is client and self._trigger(data):
+                        _reset(client)
+                        _reset(upstream)
                         return
                     key.data.sendall(data)
         except (OSError, ValueError):
@@ -125,12 +131,21 @@ class FaultProxy:
                 upstream.close()
 
     def _trigger(self, data: bytes) -> bool:
-        """True when `data` fires the armed outage (its connection is then reset unsent)."""
+        """True when `data` fires the armed outage or falls in a selective one (its connection is
+        then reset unsent)."""
         with self._lock:
+            selective = self._selective
+            if selective and time.monotonic() < selective[1] and selective[0].search(data):
+                self.resets += 1
+                return True
             armed = self._armed
             if armed is None or not armed[0].search(data):
                 return False
             self._armed = None
             self.triggered_at = time.monotonic()
+            if armed[2]:
+                self._selective = (armed[0], self.triggered_at + armed[1])
+                self.resets += 1
+                return True
         self.outage(armed[1])
         return True

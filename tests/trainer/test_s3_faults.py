@@ -30,8 +30,10 @@ def _tree(root, n_files: int, size: int) -> dict[str, bytes]:
 
 
 def test_upload_rides_out_two_seconds_of_resets(s3_proxy, s3_server, tmp_path):
-    # small files and one multipart file: the outage begins at the first PUT and resets it
-    _tree(tmp_path / "src", 3, 1000)
+    # 8 small files and a multipart one, uploaded concurrently: the outage begins at the first
+    # PUT. (With botocore's default retry quota, ~35 retries per client, the concurrent
+    # requests spent it within 2 s and then none was retried: storage._retry_quota.)
+    _tree(tmp_path / "src", 8, 1000)
     _tree(tmp_path / "src" / "big", 1, storage.UPLOAD_PART_BYTES + 999)
     prefix = f"faults-{uuid.uuid4().hex[:6]}/ckpt"
     dest = storage.resolve(f"s3://{s3_server.bucket}/{prefix}", storage.S3Settings(s3_proxy.endpoint))
@@ -40,7 +42,7 @@ def test_upload_rides_out_two_seconds_of_resets(s3_proxy, s3_server, tmp_path):
     stats = storage.upload_dir(str(tmp_path / "src"), dest)
     assert s3_proxy.triggered_at is not None and s3_proxy.resets >= 1
     assert time.monotonic() - s3_proxy.triggered_at >= 2.0 - 0.1, "the upload ended inside the outage"
-    assert stats.files == 4
+    assert stats.files == 9
     for path, rel, _ in storage.local_files(str(tmp_path / "src")):
         body = s3_server.client.get_object(Bucket=s3_server.bucket, Key=f"{prefix}/{rel}")["Body"].read()
         with open(path, "rb") as f:
