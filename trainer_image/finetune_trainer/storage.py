@@ -259,6 +259,8 @@ def upload_dir(local_dir: str, dest: Location) -> UploadStats:
     """Copy every file of a local directory to dest; returns when all of them are there (an
     exception if any failed). S3: boto3 TransferManager, one manager for all the files (big
     files in parallel parts). Elsewhere: pyarrow's copy_files."""
+    if not os.path.isdir(local_dir):  # never "upload" a checkpoint whose files are gone
+        raise StorageError(f"cannot upload {local_dir} to {dest.uri}: the local directory does not exist")
     files = local_files(local_dir)
     total = sum(size for _, _, size in files)
     began = time.perf_counter()
