@@ -163,14 +163,16 @@ def save(strategy, state: TrainerState, rank: int, world: int, metrics: dict, di
     import ray.train
 
     from .cleanup import staging_prefix
-    from .storage import write_failure
+    from .storage import is_write_failure, write_failure
 
     local = tempfile.mkdtemp(prefix=staging_prefix("ckpt", rank))
     try:
         try:
             strategy.save(local, TAG)
             write_state(local, rank, state, world)
-        except Exception as exc:  # a full or read-only disk: say where
+        except Exception as exc:
+            if not is_write_failure(exc, local):
+                raise
             raise write_failure(f"the checkpoint at step {state.step}", local, exc) from None
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=dir_name, checkpoint_upload_mode=upload_mode,
@@ -254,7 +256,8 @@ def restore(strategy, checkpoint, rank: int) -> TrainerState:
         try:
             checkpoint.to_directory(local)
         except OSError as exc:  # S3 retries spent, or a full disk
-            raise StorageError(f"download of checkpoint {checkpoint.path} into {local} failed: {describe(exc)}") from None
+            raise StorageError(f"download of checkpoint {checkpoint.path} into {local} failed: "
+                               f"{describe(exc)}") from None
         verify_complete(local, checkpoint.path)
         strategy.load(local, TAG)
         state = read_state(local, rank)

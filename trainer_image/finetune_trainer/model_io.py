@@ -148,9 +148,16 @@ def _bad_local_model(what: str, path: str, exc: BaseException) -> None:
 
 def write_final_model(model, state_dict: dict, tokenizer, dest: Location) -> None:
     """Save a consolidated HF model (safetensors, config, tokenizer) and upload it to dest."""
+    from .storage import is_write_failure, write_failure
+
     with tempfile.TemporaryDirectory(prefix="finetune-final-") as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+        except Exception as exc:
+            if not is_write_failure(exc, tmp):
+                raise
+            raise write_failure("the final model", tmp, exc) from None
         from .storage import upload_dir
 
         upload_dir(tmp, dest)

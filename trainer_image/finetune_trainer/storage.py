@@ -305,14 +305,29 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_write_failure(exc: BaseException, path: str) -> bool:
+    """Whether a local save failed on the disk (not, say, in a collective inside it): an
+    OSError, torch's "file write failed", or a disk with (almost) nothing left."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    free = _free_bytes(path)
+    return ("write" in text and "fail" in text) or (free is not None and free < 1 << 20)
+
+
 def write_failure(what: str, path: str, exc: BaseException) -> StorageError:
     """A failed local write as one line naming the path: torch and DeepSpeed report a full disk
     as "file write failed" with no path, OSError names only one file; say which and why."""
     reason = describe(exc)
-    try:
-        free = os.statvfs(path)
-        if free.f_bavail * free.f_frsize < 1 << 20:
-            reason = f"no space left on device ({reason})"
-    except OSError:
-        pass
+    free = _free_bytes(path)
+    if free is not None and free < 1 << 20:
+        reason = f"no space left on device ({reason})"
     return StorageError(f"cannot write {what} to {path}: {reason}")
