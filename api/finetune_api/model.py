@@ -136,6 +136,7 @@ class S3(_FromDict):
     secret_ref: str = ""
     endpoint: str = ""
     region: str = "us-east-1"
+    max_attempts: int = 15
 
 
 @dataclass(frozen=True)

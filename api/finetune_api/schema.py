@@ -254,6 +254,12 @@ S3 = obj(
         "endpoint": string("S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty "
                            "for AWS.", pattern=r"^$|^https?://[^\s/]+(/.*)?$"),
         "region": string("Bucket region.", default="us-east-1", minLength=1),
+        "maxAttempts": integer("Attempts per S3 request (uploads, downloads, listings) before "
+                               "the run fails: the SDKs' standard retry mode, exponential "
+                               "back-off with jitter doubling up to 20 s between attempts (from "
+                               "50 ms for boto3, 1 s for pyarrow). The default rides out at "
+                               "least 30 s of connection resets or throttling, a minute on "
+                               "average.", minimum=1, maximum=30, default=15),
     },
     default={},
 )

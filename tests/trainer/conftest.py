@@ -112,3 +112,17 @@ def complete_in_bucket(s3_server):
         return world
 
     return check
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """A FaultProxy (fault_proxy.py) in front of the moto server: `.endpoint`, `.outage(s)`,
+    `.arm(pattern, s)`, `.resets`."""
+    from urllib.parse import urlsplit
+
+    from fault_proxy import FaultProxy
+
+    target = urlsplit(s3_server.endpoint)
+    proxy = FaultProxy(target.hostname, target.port)
+    yield proxy
+    proxy.close()

@@ -145,7 +145,11 @@ def s3_upload_fn(settings, rank: int) -> Callable:
         fs_path = storage.build_checkpoint_path_from_name(dir_name)
         dest = Location(uri=f"s3://{fs_path}", scheme="s3", filesystem=storage.storage_filesystem,
                         path=fs_path, settings=settings)
-        stats = upload_dir(checkpoint.path, dest)
+        try:
+            stats = upload_dir(checkpoint.path, dest)
+        except BaseException:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)  # ASYNC: Ray deletes it only after a success
+            raise
         say(f"finetune-train: rank {rank} uploaded its part of {dir_name}: {stats.describe()}")
         return ray.train.Checkpoint(path=fs_path, filesystem=storage.storage_filesystem)
 
@@ -158,10 +162,18 @@ def save(strategy, state: TrainerState, rank: int, world: int, metrics: dict, di
     SYNC: returns once this rank's part is uploaded. ASYNC: once it is saved locally."""
     import ray.train
 
-    local = tempfile.mkdtemp(prefix=f"finetune-ckpt-rank{rank}-")
+    from .cleanup import staging_prefix
+    from .storage import is_write_failure, write_failure
+
+    local = tempfile.mkdtemp(prefix=staging_prefix("ckpt", rank))
     try:
-        strategy.save_checkpoint(local, TAG)
-        write_state(local, rank, state, world)
+        try:
+            strategy.save_checkpoint(local, TAG)
+            write_state(local, rank, state, world)
+        except Exception as exc:
+            if not is_write_failure(exc, local):
+                raise
+            raise write_failure(f"the checkpoint at step {state.step}", local, exc) from None
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=dir_name, checkpoint_upload_mode=upload_mode,
                          checkpoint_upload_fn=upload_fn)
@@ -235,9 +247,17 @@ def restore(strategy, checkpoint, rank: int) -> TrainerState:
     # Each rank downloads into its own directory. Checkpoint.as_directory() shares one
     # temporary directory between the processes of a node, and the first rank to finish
     # deletes it under the others (seen as "Checkpoint directory ... does not exist").
-    local = tempfile.mkdtemp(prefix=f"finetune-restore-rank{rank}-")
+    from .cleanup import staging_prefix
+    from .errors import StorageError
+    from .storage import describe
+
+    local = tempfile.mkdtemp(prefix=staging_prefix("restore", rank))
     try:
-        checkpoint.to_directory(local)
+        try:
+            checkpoint.to_directory(local)
+        except OSError as exc:  # S3 retries spent, or a full disk
+            raise StorageError(f"download of checkpoint {checkpoint.path} into {local} failed: "
+                               f"{describe(exc)}") from None
         verify_complete(local, checkpoint.path)
         strategy.load_checkpoint(local, TAG)
         state = read_state(local, rank)

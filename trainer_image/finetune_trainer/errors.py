@@ -36,3 +36,15 @@ class BadInputError(TrainerError):
 
 class InjectedFault(RuntimeError):
     """Raised by the FINETUNE_FAULT_AFTER_STEP test hook (see train_loop)."""
+
+
+class StorageError(TrainerError):
+    """S3 or disk I/O that failed for good (retries spent, disk full, permission denied): one
+    line naming the operation, the object or path, and the underlying error. Picklable, unlike
+    botocore's exceptions, so it crosses from a Ray worker to the driver. A rerun may succeed,
+    so it keeps TrainingFailed's exit code."""
+
+
+class WorkerError(TrainerError):
+    """A worker's exception that cannot be pickled (so cannot reach the driver as itself),
+    carried as its type and one-line message."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import sys
 import time
 
@@ -144,23 +145,50 @@ def with_absolute_file_uris(job: FineTuneJob) -> FineTuneJob:
     return FineTuneJob.from_document(doc) if changed else job
 
 
+def attempt_name() -> str:
+    """The name of this attempt (in its checkpoints' names and its lease): UTC to the second
+    and 24 random bits, so attempts started in the same second never collide."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
 def run_job(job: FineTuneJob, fresh: bool = False) -> int:
-    """Run the job to completion on Ray Train; returns the process exit code."""
+    """Run the job to completion on Ray Train; returns the process exit code.
+
+    The run holds the lease on its checkpoint location (lease.py) from before Ray starts to
+    the end, and removes what failed attempts left there (cleanup.py) before training."""
+    from .cleanup import remove_unregistered_checkpoints
+    from .lease import Lease
+
     job = with_absolute_file_uris(job)
     upload_mode = (os.environ.get(UPLOAD_MODE_ENV) or DEFAULT_UPLOAD_MODE).upper()
     if upload_mode not in ("SYNC", "ASYNC"):
         return fail(BadInputError.reason, f"{UPLOAD_MODE_ENV}={upload_mode!r}: expected SYNC or ASYNC", EXIT_BAD_INPUT)
+    attempt = attempt_name()
     try:
         ckpt = preflight(job)
+        run_loc = resolve(job.checkpoint_run_uri, S3Settings.from_spec(job.spec.s3))
+        lease = Lease.acquire(run_loc, attempt)
     except TrainerError as exc:
         return fail(exc.reason, str(exc), exc.exit_code)
+    try:
+        remove_unregistered_checkpoints(run_loc)
+        lease.start_refreshing()
+        return _train(job, fresh, upload_mode, ckpt, attempt)
+    except KeyboardInterrupt:
+        if lease.lost:  # the lease thread interrupted us: another run holds the location now
+            return fail(TrainerError.reason, lease.lost, EXIT_TRAINING_FAILED)
+        raise
+    finally:
+        lease.release()
 
+
+def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, attempt: str) -> int:
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .train_loop import train_func
+    from .worker_edge import train_worker
 
     try:
         _gpu_check(job)
@@ -173,8 +201,8 @@ def run_job(job: FineTuneJob, fresh: bool = False) -> int:
     per_worker = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
     trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"job": job.document, "fresh": fresh, "upload_mode": upload_mode},
+        train_worker,
+        train_loop_config={"job": job.document, "fresh": fresh, "upload_mode": upload_mode, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=res.training_processes, use_gpu=use_gpu,
                                      resources_per_worker=per_worker,
                                      # CPU: one process per worker pod, spread over the pods.

@@ -66,6 +66,9 @@ def check_model(uri: str, revision: str | None, settings: S3Settings) -> None:
         raise BadInputError(f"cannot read model {uri}: {' '.join(str(exc).split())[:300]}") from None
     if info.type != pafs.FileType.File:
         raise BadInputError(f"model {uri} not found: no {CONFIG_FILE} at {loc.uri}/{CONFIG_FILE}")
+    from .model_check import check_model_files, model_files
+
+    check_model_files(loc, model_files(loc))
 
 
 def local_model_dir(uri: str, revision: str | None, settings: S3Settings) -> str:
@@ -109,7 +112,11 @@ def _download_once(loc: Location) -> str:
 def load_tokenizer(path: str, revision: str | None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision or None, token=os.environ.get("HF_TOKEN") or None)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision or None, token=os.environ.get("HF_TOKEN") or None)
+    except Exception as exc:
+        _bad_local_model("tokenizer", path, exc)
+        raise
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -118,15 +125,39 @@ def load_tokenizer(path: str, revision: str | None):
 def load_model(path: str, revision: str | None, dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, revision=revision or None, dtype=dtype,
-                                                token=os.environ.get("HF_TOKEN") or None)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, revision=revision or None, dtype=dtype,
+                                                    token=os.environ.get("HF_TOKEN") or None)
+    except Exception as exc:
+        _bad_local_model("model", path, exc)
+        raise
+
+
+def _bad_local_model(what: str, path: str, exc: BaseException) -> None:
+    """Raise BadInputError when a model read from local files (file://, or downloaded whole
+    from S3) fails to load: the files are what they are, a retry cannot fix them. A Hub
+    repo id (network errors) keeps its own exception."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return  # the node's memory, not the files
+    if os.path.isdir(path):
+        from .storage import describe
+
+        raise BadInputError(f"cannot load the {what} from {path}: {describe(exc)}") from None
 
 
 def write_final_model(model, state_dict: dict, tokenizer, dest: Location) -> None:
     """Save a consolidated HF model (safetensors, config, tokenizer) and upload it to dest."""
+    from .storage import is_write_failure, write_failure
+
     with tempfile.TemporaryDirectory(prefix="finetune-final-") as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+        except Exception as exc:
+            if not is_write_failure(exc, tmp):
+                raise
+            raise write_failure("the final model", tmp, exc) from None
         from .storage import upload_dir
 
         upload_dir(tmp, dest)

@@ -11,19 +11,34 @@ Uploads to s3:// (checkpoint shards, the final model) go through boto3's S3 Tran
 (`upload_dir`): multipart, threaded, all of a directory's files in one manager. pyarrow's
 `copy_files`, which Ray Train uses by default, must run single-threaded for S3 uploads
 (apache/arrow#32372) and moved less than half of boto3's MB/s in bench/checkpoint_io.
+
+Transient faults (connection resets, throttling, 5xx): every S3 request, boto3's and pyarrow's,
+is retried in the SDKs' standard retry mode, spec.s3.maxAttempts attempts with exponential
+back-off and full jitter capped at 20 s. botocore starts from 50 ms, the AWS C++ SDK under
+pyarrow from 1 s: with the default of 15, boto3 waits out 63 s on average (under 30 s once in
+160 tries: Monte Carlo of its formula), pyarrow longer. A failure that still ends the run is
+raised as
+`StorageError`: one picklable line naming the operation, the object and the SDK's error,
+because botocore's own exceptions cannot cross from a Ray worker to the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import threading
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from .errors import BadInputError
+from .errors import BadInputError, StorageError
+
+DEFAULT_MAX_ATTEMPTS = 15  # spec.s3.maxAttempts' default (the schema holds the rule)
 
 
 @dataclass(frozen=True)
@@ -32,10 +47,12 @@ class S3Settings:
 
     endpoint: str = ""
     region: str = "us-east-1"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     @classmethod
     def from_spec(cls, s3: Any) -> "S3Settings":
-        return cls(endpoint=getattr(s3, "endpoint", "") or "", region=getattr(s3, "region", "") or "us-east-1")
+        return cls(endpoint=getattr(s3, "endpoint", "") or "", region=getattr(s3, "region", "") or "us-east-1",
+                   max_attempts=getattr(s3, "max_attempts", None) or DEFAULT_MAX_ATTEMPTS)
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,25 @@ def _env_credentials() -> dict[str, str | None] | None:
     return None
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with the AWS SDK's standard retry strategy, which also survives
+    pickling: pyarrow's own pickle drops `retry_strategy` (back to 3 attempts), and Ray Train
+    pickles the run's storage filesystem into its controller and every worker, which restore
+    checkpoints and write Ray's run state through it."""
+
+    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, **options: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **options)
+        self._max_attempts = max_attempts
+        self._options = options
+
+    def __reduce__(self):
+        return _rebuild_s3_filesystem, (self._max_attempts, self._options)
+
+
+def _rebuild_s3_filesystem(max_attempts: int, options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
+
+
 def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     endpoint, scheme = _endpoint(settings)
     kwargs: dict[str, Any] = {"region": settings.region, "scheme": scheme}
@@ -89,7 +125,7 @@ def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     # Bounded retries and timeouts: a wrong endpoint must fail preflight in seconds, not hang.
     kwargs["connect_timeout"] = 10
     kwargs["request_timeout"] = 60
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(settings.max_attempts, **kwargs)
 
 
 # boto3 TransferManager settings for uploads. Parts of 16 MiB (boto3: 8 MiB): half the requests
@@ -113,11 +149,41 @@ def s3_client(settings: S3Settings, max_connections: int = UPLOAD_THREADS + 2):
         kwargs.update(aws_access_key_id=creds["key"], aws_secret_access_key=creds["secret"],
                       aws_session_token=creds["token"])
     config = Config(region_name=settings.region, connect_timeout=10, read_timeout=60,
-                    retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=max_connections)
+                    retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+                    max_pool_connections=max_connections)
     # A session of its own: boto3's default session is not thread-safe, and an ASYNC checkpoint
     # upload runs in Ray Train's upload thread.
-    return boto3.session.Session().client("s3", endpoint_url=f"{scheme}://{endpoint}" if endpoint else None,
-                                          config=config, **kwargs)
+    session = boto3.session.Session()
+    with _retry_quota(settings.max_attempts, max_connections):
+        return session.client("s3", endpoint_url=f"{scheme}://{endpoint}" if endpoint else None,
+                              config=config, **kwargs)
+
+
+_QUOTA_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _retry_quota(max_attempts: int, concurrency: int):
+    """Size the standard retry mode's retry quota for this client while it is created.
+
+    botocore gives every client a quota of 500 retry tokens, 14 per retry, so ~35 retries in all:
+    a TransferManager's 8 concurrent requests spend it within the first 2 s of connection resets
+    (measured through tests' fault proxy: 8 small files fail after 1.7 s of a 3 s outage), and
+    then no request is retried at all. Sized so that every concurrent request can spend all its
+    attempts, the quota still bounds a retry storm, at max_attempts per request."""
+    from botocore.retries import quota, standard
+
+    cost = getattr(standard.RetryQuotaChecker, "_RETRY_COST", 14)
+    capacity = max(quota.RetryQuota.INITIAL_CAPACITY, cost * max(max_attempts - 1, 1) * concurrency)
+    with _QUOTA_LOCK:
+        saved = standard.quota
+        # standard.register_retry_handler builds the quota as `quota.RetryQuota()`: only that
+        # name is swapped, only while our client is built, under a lock.
+        standard.quota = types.SimpleNamespace(RetryQuota=functools.partial(quota.RetryQuota, capacity))
+        try:
+            yield
+        finally:
+            standard.quota = saved
 
 
 def resolve(uri: str, settings: S3Settings | None = None) -> Location:
@@ -193,6 +259,8 @@ def upload_dir(local_dir: str, dest: Location) -> UploadStats:
     """Copy every file of a local directory to dest; returns when all of them are there (an
     exception if any failed). S3: boto3 TransferManager, one manager for all the files (big
     files in parallel parts). Elsewhere: pyarrow's copy_files."""
+    if not os.path.isdir(local_dir):  # never "upload" a checkpoint whose files are gone
+        raise StorageError(f"cannot upload {local_dir} to {dest.uri}: the local directory does not exist")
     files = local_files(local_dir)
     total = sum(size for _, _, size in files)
     began = time.perf_counter()
@@ -203,21 +271,63 @@ def upload_dir(local_dir: str, dest: Location) -> UploadStats:
         prefix = prefix.strip("/")
         config = TransferConfig(multipart_threshold=UPLOAD_PART_BYTES, multipart_chunksize=UPLOAD_PART_BYTES,
                                 max_concurrency=UPLOAD_THREADS)
-        client = s3_client(dest.settings or S3Settings())
-        with create_transfer_manager(client, config) as manager:
-            futures = [manager.upload(full, bucket, f"{prefix}/{rel}" if prefix else rel)
-                       for full, rel, _ in files]
-            for future in futures:
-                future.result()  # raises the first failure; leaving the block waits for the rest
+        settings = dest.settings or S3Settings()
+        client = s3_client(settings)
+        key = ""
+        try:
+            with create_transfer_manager(client, config) as manager:
+                keys = [(full, f"{prefix}/{rel}" if prefix else rel) for full, rel, _ in files]
+                futures = [(key, manager.upload(full, bucket, key)) for full, key in keys]
+                for key, future in futures:
+                    future.result()  # raises the first failure; leaving the block waits for the rest
+        except Exception as exc:  # botocore/s3transfer errors: not picklable, several lines
+            raise StorageError(f"S3 upload of s3://{bucket}/{key} failed after up to {settings.max_attempts} "
+                               f"attempts per request: {describe(exc)}") from None
         return UploadStats(len(files), total, time.perf_counter() - began, "boto3")
-    if dest.scheme == "file":
-        os.makedirs(dest.path, exist_ok=True)
-    else:
-        dest.filesystem.create_dir(dest.path, recursive=True)
-    pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=dest.filesystem, use_threads=True)
+    try:
+        if dest.scheme == "file":
+            os.makedirs(dest.path, exist_ok=True)
+        else:
+            dest.filesystem.create_dir(dest.path, recursive=True)
+        pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=dest.filesystem, use_threads=True)
+    except OSError as exc:  # disk full, read-only, permission: name where
+        raise StorageError(f"cannot write {dest.uri}: {describe(exc)}") from None
     return UploadStats(len(files), total, time.perf_counter() - began, "pyarrow")
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400] or type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """"ErrorType: message" on one line, for an SDK error inside a StorageError."""
+    return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_write_failure(exc: BaseException, path: str) -> bool:
+    """Whether a local save failed on the disk (not, say, in a collective inside it): an
+    OSError, torch's "file write failed", or a disk with (almost) nothing left."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    free = _free_bytes(path)
+    return ("write" in text and "fail" in text) or (free is not None and free < 1 << 20)
+
+
+def write_failure(what: str, path: str, exc: BaseException) -> StorageError:
+    """A failed local write as one line naming the path: torch and DeepSpeed report a full disk
+    as "file write failed" with no path, OSError names only one file; say which and why."""
+    reason = describe(exc)
+    free = _free_bytes(path)
+    if free is not None and free < 1 << 20:
+        reason = f"no space left on device ({reason})"
+    return StorageError(f"cannot write {what} to {path}: {reason}")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import checkpointing, strategies
 from .checkpointing import TrainerState
-from .errors import InjectedFault, TrainerError
+from .errors import BadInputError, InjectedFault
 from .progress import ProgressReporter, emit, say
 
 # TEST HOOK, not a feature: FINETUNE_FAULT_AFTER_STEP=N makes rank 0 raise right after
@@ -46,12 +46,6 @@ def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
-def _broadcast(obj, device):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
-
-
 class Trainer:
     """One training process's run of a job. Every rank runs the same steps in the same order
     (most of them hold collectives); what only rank 0 does is marked."""
@@ -67,6 +61,9 @@ class Trainer:
         self.job = FineTuneJob.from_document(config["job"])
         self.spec, self.training = self.job.spec, self.job.spec.training
         self.fresh = bool(config.get("fresh"))
+        # A name per attempt keeps a --fresh rerun from writing into an older run's directories;
+        # the driver's (launcher.attempt_name): unique, and the one its lease names.
+        self.attempt = config["attempt"]
         self.upload_mode = ray.train.CheckpointUploadMode[config.get("upload_mode", "SYNC")]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -106,8 +103,8 @@ class Trainer:
         n_batches = int(_all_reduce([len(self.sequences) // self.mbs], self.device, dist.ReduceOp.MIN)[0])
         self.plan = plan_steps(n_batches, self.gas, training.epochs, training.max_steps)
         if self.plan.total_steps == 0:
-            raise TrainerError(
-                f"the dataset is too small for one optimizer step: {n_batches} micro-batches of "
+            raise BadInputError(
+                f"the dataset {spec.dataset.uri} is too small for one optimizer step: {n_batches} micro-batches of "
                 f"{self.mbs} x {spec.dataset.max_seq_length} tokens per worker, {self.gas} needed per step "
                 f"with {self.world} workers; use more data or a smaller maxSeqLength/microBatchSize")
         self.batches_per_epoch = self.plan.steps_per_epoch * self.gas
@@ -125,8 +122,6 @@ class Trainer:
             self.resumed_from = self.state.step
         if self.state.loss is not None:
             self.loss = self.state.loss
-        # A name per attempt keeps a --fresh rerun from writing into an older run's directories.
-        self.attempt = _broadcast(time.strftime("%Y%m%d-%H%M%S"), self.device)
 
     def start(self) -> None:
         """The `started` event (rank 0), the progress reporter, checkpoint uploads, the test hook."""
