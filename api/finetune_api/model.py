@@ -1,18 +1,24 @@
-"""The typed FineTuneJob that the trainer, the CLI and the operator read.
+"""The FineTuneJob that the trainer, the CLI and the operator read.
 
 Objects are only ever built from a document that `validation.admit` accepted and defaulted,
-so the rules live in one place (the schema); these classes only give them names and types.
-A test checks that every field here is a property of the schema and the other way round.
+so the rules live in one place (the schema). The section classes (`Spec`, `Training`,
+`Resources`, ...) are made from the schema itself: each property is an attribute of the same
+name in snake_case (`spec.training.micro_batch_size`), each object with properties a nested
+section, and a property the schema gives no default reads as None ({} or [] for maps and
+lists). Adding a spec field is then a change to `schema.py` and to the code that reads it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_type_hints
 
+from . import schema
 from .reader import dump, read_one
 from .validation import admit
 
@@ -20,6 +26,10 @@ from .validation import admit
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
 
 
 @functools.cache
@@ -47,117 +57,46 @@ class _FromDict:
         return cls(**kwargs)
 
 
-@dataclass(frozen=True)
-class Model(_FromDict):
-    uri: str
-    revision: str | None = None
+def _is_section(prop: schema.Schema) -> bool:
+    return prop.get("type") == "object" and "properties" in prop
 
 
-@dataclass(frozen=True)
-class Dataset(_FromDict):
-    uri: str
-    format: str = "auto"
-    text_field: str = "text"
-    max_seq_length: int = 2048
+def _factory(value: Any) -> Callable[[], Any]:
+    return lambda: copy.deepcopy(value)
 
 
-@dataclass(frozen=True)
-class DeepSpeed(_FromDict):
-    stage: int = 3
-    offload_optimizer: str = "none"
-    offload_param: str = "none"
-    config: dict[str, Any] = field(default_factory=dict)
+def _section(class_name: str, node: schema.Schema,
+             methods: dict[str, dict[str, Any]]) -> type:
+    """A frozen dataclass with one field per property of `node`; required ones first."""
+    required, optional = [], []
+    for key, prop in node["properties"].items():
+        name = _snake(key)
+        if _is_section(prop):
+            kind = _section(key[:1].upper() + key[1:], prop, methods)
+            default: Any = dataclasses.field(default_factory=functools.partial(kind.from_dict, {}))
+        else:
+            kind = Any
+            value = prop.get("default", {"object": {}, "array": []}.get(prop.get("type")))
+            default = dataclasses.field(default_factory=_factory(value)) \
+                if isinstance(value, (dict, list)) else value
+        if key in node.get("required", ()):
+            required.append((name, kind))
+        else:
+            optional.append((name, kind, default))
+    cls = dataclasses.make_dataclass(class_name, [*required, *optional], bases=(_FromDict,),
+                                     frozen=True, namespace=methods.get(class_name, {}))
+    cls.__module__ = __name__
+    return cls
 
 
-@dataclass(frozen=True)
-class FSDP(_FromDict):
-    sharding_strategy: str = "FULL_SHARD"
-    cpu_offload: bool = False
+def _training_processes(self) -> int:
+    """One process per GPU, or one per worker on CPU."""
+    return self.workers * max(self.gpus_per_worker, 1)
 
 
-@dataclass(frozen=True)
-class Strategy(_FromDict):
-    type: str = "deepspeed"
-    deepspeed: DeepSpeed = field(default_factory=DeepSpeed)
-    fsdp: FSDP = field(default_factory=FSDP)
-
-
-@dataclass(frozen=True)
-class Training(_FromDict):
-    epochs: int = 1
-    max_steps: int | None = None
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2.0e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler: str = "cosine"
-    precision: str = "bf16"
-    activation_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    seed: int = 42
-
-
-@dataclass(frozen=True)
-class Toleration(_FromDict):
-    key: str | None = None
-    operator: str | None = None
-    value: str | None = None
-    effect: str | None = None
-    toleration_seconds: int | None = None
-
-
-@dataclass(frozen=True)
-class Resources(_FromDict):
-    workers: int = 1
-    gpus_per_worker: int = 1
-    cpus_per_worker: int = 8
-    memory_per_worker: str = "32Gi"
-    image: str = ""
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = field(default_factory=list)
-    priority_class_name: str = ""
-
-    @property
-    def training_processes(self) -> int:
-        """One process per GPU, or one per worker on CPU."""
-        return self.workers * max(self.gpus_per_worker, 1)
-
-
-@dataclass(frozen=True)
-class Checkpoint(_FromDict):
-    uri: str
-    every_steps: int = 500
-    keep: int = 3
-
-
-@dataclass(frozen=True)
-class S3(_FromDict):
-    secret_ref: str = ""
-    endpoint: str = ""
-    region: str = "us-east-1"
-    max_attempts: int = 15
-
-
-@dataclass(frozen=True)
-class RunPolicy(_FromDict):
-    suspend: bool = False
-    backoff_limit: int = 3
-    active_deadline_seconds: int | None = None
-    ttl_seconds_after_finished: int | None = None
-    cleanup_policy: str = "DeleteCluster"
-
-
-@dataclass(frozen=True)
-class Spec(_FromDict):
-    model: Model
-    dataset: Dataset
-    checkpoint: Checkpoint
-    strategy: Strategy = field(default_factory=Strategy)
-    training: Training = field(default_factory=Training)
-    resources: Resources = field(default_factory=Resources)
-    s3: S3 = field(default_factory=S3)
-    run_policy: RunPolicy = field(default_factory=RunPolicy)
+# What a section has beyond its fields (by class name).
+_METHODS = {"Resources": {"training_processes": property(_training_processes)}}
+Spec = _section("Spec", schema.SPEC, _METHODS)
 
 
 @dataclass(frozen=True)
