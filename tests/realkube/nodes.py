@@ -7,7 +7,8 @@ including `nvidia.com/gpu`), reports its status conditions, and renews its Lease
 `kube-node-lease` every few seconds, which is what kube-controller-manager's node lifecycle
 controller watches to keep it Ready.
 
-No containers run here: the scheduler binds pods to these nodes and they stay Pending, unless
+No containers run here: the scheduler binds pods to these nodes and they stay Pending (a
+deleted one goes at once, its node confirming the deletion as a kubelet does), unless
 a test writes, as the pod's node, the states a kubelet would report (`PodReports`) to see
 how KubeRay reads them. (A process kubelet that runs the pods' commands is issue 10's next
 step.)
@@ -164,19 +165,34 @@ class NodeAgent:
         if status not in (200, 201):
             raise StackError(f"node {spec.name} lease: {status} {body.get('message')}")
 
+    def _finish_deletions(self, name: str, req) -> None:
+        """A pod bound to a node is only gone once its kubelet confirms it stopped the pod's
+        containers. None run here, so the node confirms at once, as the kubelet does once
+        they stopped (a delete with grace period 0, conditional on the pod's uid)."""
+        status, body = req("GET", f"/api/v1/pods?fieldSelector=spec.nodeName%3D{name}")
+        if status != 200:
+            raise StackError(f"node {name} listing its pods: {status} {body.get('message')}")
+        for pod in body.get("items", []):
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                req("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                    {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+                     "preconditions": {"uid": meta["uid"]}})
+
     def _run(self) -> None:
-        beat = 0
-        while not self._stop.wait(RENEW_EVERY):
-            beat += 1
+        tick = 0
+        while not self._stop.wait(1.0):
+            tick += 1
             for spec in list(self.nodes.values()):
                 req = self._as_node(spec.name)
                 try:
-                    self._renew_lease(spec, req)
-                    if beat % 6 == 0:  # kubelets report status every ~30 s to a minute
+                    self._finish_deletions(spec.name, req)
+                    if tick % int(RENEW_EVERY) == 0:
+                        self._renew_lease(spec, req)
+                    if tick % 30 == 0:  # kubelets report status every ~30 s to a minute
                         self._report_status(spec, req)
                 except Exception as exc:  # keep beating for the other nodes
                     self.errors.append(f"{spec.name}: {exc}")
-
 
 def _container_status(container: dict[str, Any], state: dict[str, Any], *, ready: bool,
                       restarts: int = 0, last: dict[str, Any] | None = None) -> dict[str, Any]:

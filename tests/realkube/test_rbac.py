@@ -9,6 +9,7 @@ the chart does not grant are refused with 403 by the API server itself.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -47,7 +48,7 @@ def _forbidden_lines(log: str, mode: str) -> list[str]:
     tolerated = {resource for (_, _, resource) in TOLERATED_DENIALS} if mode == "namespaced" \
         else set()
     return [line for line in log.splitlines()
-            if ("403" in line or "Forbidden" in line or "forbidden" in line)
+            if re.search(r"\b(403|Forbidden|forbidden)\b", line)
             and not any(r in line for r in tolerated)]
 
 
