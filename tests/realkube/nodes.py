@@ -159,7 +159,8 @@ class NodeAgent:
                  "metadata": {"name": spec.name, "namespace": "kube-node-lease"},
                  "spec": {"holderIdentity": spec.name, "leaseDurationSeconds": LEASE_SECONDS,
                           "renewTime": _now()}}
-        status, body = req("PUT", path, lease)
+        status, body = req("PATCH", path, {"spec": lease["spec"]},
+                           content_type="application/merge-patch+json")
         if status == 404:
             status, body = req("POST", path.rsplit("/", 1)[0], lease)
         if status not in (200, 201):

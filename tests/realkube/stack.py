@@ -63,7 +63,10 @@ class StackError(RuntimeError):
 
 
 def bin_dir() -> Path:
-    """Where build.sh puts (or would put) the binaries for the current go.sum files."""
+    """Where build.sh puts (or would put) the binaries for the current go.sum files;
+    KUBESTACK_BIN names another directory of the same layout."""
+    if os.environ.get("KUBESTACK_BIN"):
+        return Path(os.environ["KUBESTACK_BIN"])
     out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print"], check=True,
                          capture_output=True, text=True)
     return Path(out.stdout.strip())
