@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RAY_DEDUP_LOGS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast crds bench clean
+.PHONY: install demo test test-fast crds bench clean kubestack cluster
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,18 @@ demo: $(STAMP)
 	$(BIN)/finetune make-tiny .demo
 	$(BIN)/finetune run examples/tiny-cpu.yaml
 
-test: $(STAMP)
+test: $(STAMP) kubestack
 	$(BIN)/pytest -p no:cacheprovider
+
+# The real control plane (etcd, kube-apiserver, controller-manager, scheduler, KubeRay) that
+# tests/realkube runs on, built from their Go modules into .cache/kubestack/bin (a warm run
+# builds nothing).
+kubestack:
+	bash kubestack/build.sh >/dev/null
+
+# Start that control plane on loopback; prints the admin kubeconfig. Ctrl-C stops it.
+cluster: $(STAMP) kubestack
+	cd tests && $(CURDIR)/$(BIN)/python -m realkube.stack
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -p no:cacheprovider -m "not e2e and not training"

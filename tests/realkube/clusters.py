@@ -1,0 +1,41 @@
+"""Jobs and their RayClusters on the real stack, as the operator would create them."""
+
+from __future__ import annotations
+
+import kopf
+
+from api.cases import make
+from finetune_api.model import FineTuneJob
+from finetune_operator import raycluster
+from finetune_operator.settings import Settings
+
+from .nodes import GPU_POOL
+
+
+def create_job_cluster(stack, ns: str, name: str, **changes) -> dict:
+    """A FineTuneJob (cases.BASE on the GPU pool, with `changes`) and the RayCluster the
+    operator would create for it (its builder, adopted as reconcile.create_cluster does);
+    no operator runs."""
+    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    doc = make(**{"metadata": {"name": name, "namespace": ns},
+                  "spec.resources.nodeSelector": {"finetune.dev/pool": GPU_POOL},
+                  "spec.training.precision": "bf16", **changes})
+    status, job_body = stack.request(
+        "POST", f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs", doc)
+    assert status == 201, job_body.get("message")
+    job = FineTuneJob.from_document(job_body)
+    cluster = raycluster.build_raycluster(job, Settings())
+    kopf.adopt(cluster, owner=job_body)
+    status, created = stack.request("POST", f"/apis/ray.io/v1/namespaces/{ns}/rayclusters",
+                                    cluster)
+    assert status == 201, created.get("message")
+    return created
+
+
+def pods_of(stack, ns: str, cluster: str) -> list[dict]:
+    return stack.get("pods", "-n", ns, "-l", f"ray.io/cluster={cluster}")["items"]
+
+
+def scheduled_condition(pod: dict) -> dict:
+    return next((c for c in pod.get("status", {}).get("conditions", [])
+                 if c["type"] == "PodScheduled"), {})
