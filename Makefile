@@ -38,7 +38,7 @@ kubestack:
 
 # Start that control plane on loopback; prints the admin kubeconfig. Ctrl-C stops it.
 cluster: $(STAMP) kubestack
-	cd tests && $(CURDIR)/$(BIN)/python -m realkube.stack
+	$(BIN)/python -m finetune_testbed.kubestack
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -p no:cacheprovider -m "not e2e and not training"

@@ -9,7 +9,7 @@ from finetune_api.model import FineTuneJob
 from finetune_operator import raycluster
 from finetune_operator.settings import Settings
 
-from .nodes import GPU_POOL
+from finetune_testbed.nodes import GPU_POOL
 
 
 def create_job_cluster(stack, ns: str, name: str, **changes) -> dict:

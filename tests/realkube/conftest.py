@@ -1,5 +1,5 @@
 """The `kubestack` fixture: one real control plane (etcd, kube-apiserver, controller-manager,
-scheduler, KubeRay) per test session, from tests/realkube/stack.py.
+scheduler, KubeRay) per test session, from finetune_testbed.kubestack.
 
 Without the binaries (`kubestack/build.sh` not run) these tests skip on a developer's machine;
 in CI (`CI=true`, where .ci/run builds them first) a missing binary is a failure.
@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from realkube import stack as stack_mod
-from realkube.nodes import GPU_POOL, NodeAgent, cpu_node, gpu_node
+from finetune_testbed import kubestack as stack_mod
+from finetune_testbed.nodes import GPU_POOL, NodeAgent, cpu_node, gpu_node
 from realkube.waiting import wait_for
 
 

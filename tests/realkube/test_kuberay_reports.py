@@ -1,7 +1,7 @@
 """What the real KubeRay reports on a RayCluster when its head pod is lost.
 
 The operator's lost-cluster path must read what KubeRay writes, not what one expects it to
-write. Here the pods' node (tests/realkube/nodes.py, authenticated as that node) reports the
+write. Here the pods' node (finetune_testbed.nodes, authenticated as that node) reports the
 states a kubelet reports: every container running and ready; then the head's Ray container
 OOM-killed (restartPolicy Always: the kubelet restarts it in place); then the head pod
 evicted (phase Failed). These tests pin KubeRay's answers (docs/install.md lists them):
@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from .nodes import PodReports
+from finetune_testbed.nodes import PodReports
 from .clusters import create_job_cluster, pods_of
 from .waiting import wait_for
 

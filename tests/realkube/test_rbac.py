@@ -17,7 +17,7 @@ import pytest
 from api.cases import BASE
 from chart.test_rbac import TOLERATED_DENIALS
 
-from .chart_install import install_rbac, render_release, start_operator
+from finetune_testbed.chart_install import install_rbac, render_release, start_operator
 from .waiting import wait_for
 
 pytestmark = pytest.mark.realkube

@@ -1,5 +1,5 @@
 """KubeRay's pods for the operator's RayCluster, placed by the real kube-scheduler on a node
-pool that looks like a cloud GPU pool (tests/realkube/nodes.py: tainted, labelled, with
+pool that looks like a cloud GPU pool (finetune_testbed.nodes: tainted, labelled, with
 `nvidia.com/gpu` capacity, kept Ready by lease heartbeats).
 
 What is checked is what a platform team relies on: workers land only on the pool the job
@@ -18,7 +18,7 @@ import pytest
 from finetune_operator import raycluster
 
 from .clusters import create_job_cluster, pods_of, scheduled_condition
-from .nodes import GPU_POOL, gpu_node
+from finetune_testbed.nodes import GPU_POOL, gpu_node
 from .waiting import wait_for
 
 pytestmark = pytest.mark.realkube

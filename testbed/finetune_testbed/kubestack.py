@@ -11,7 +11,7 @@ NodeRestriction. KubeRay runs as its own ServiceAccount with the ClusterRole its
     stack.kubectl("get", "ns")
     stack.stop()                       # also at interpreter exit, and if this process dies
 
-`python -m realkube.stack` (from tests/, what `make cluster` runs) starts one and prints the
+`python -m finetune_testbed.kubestack` (what `make cluster` runs) starts one and prints the
 admin kubeconfig; Ctrl-C stops it.
 
 Every child runs in its own process group with PR_SET_PDEATHSIG, so a test session that ends
@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "kubestack" / "build.sh"
@@ -75,12 +76,6 @@ def bin_dir() -> Path:
 def binaries_present(directory: Path | None = None) -> bool:
     directory = directory or bin_dir()
     return all((directory / b).is_file() for b in BINARIES)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- certificates and keys

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .stack import KubeStack, StackError
+from .kubestack import KubeStack, StackError
 
 # The GPU pool's label value (finetune.dev/pool) on the session's node pool (conftest).
 GPU_POOL = "a100"

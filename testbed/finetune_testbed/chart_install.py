@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
-from chart.render import chart
 
-from .stack import KubeStack, _die_with_parent, free_port
+from .chart import chart
+from .kubestack import KubeStack, _die_with_parent
+from .ports import free_port
 
 RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
 
