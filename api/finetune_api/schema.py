@@ -224,8 +224,9 @@ RESOURCES = obj(
     },
     rules=(
         # The pattern admits any quantity; a size must be more than zero (its mantissa, the
-        # digits before any suffix or exponent, has a non-zero digit and no sign).
-        rule("self.memoryPerWorker.matches('^[+]?[0-9.]*[1-9]')",
+        # digits before any suffix or exponent, has a non-zero digit and no sign). has(): the
+        # API server checks the section's default ({}) against its rules too.
+        rule("!has(self.memoryPerWorker) || self.memoryPerWorker.matches('^[+]?[0-9.]*[1-9]')",
              "memoryPerWorker must be more than zero", ".memoryPerWorker"),
     ),
     default={},

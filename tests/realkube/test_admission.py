@@ -38,7 +38,13 @@ def test_the_api_server_refuses_bad_documents_naming_the_same_field(kubestack, n
     assert status in (400, 422), (status, body.get("message"))
     theirs = _causes(body)
     ours = {error.path for error in validate(doc)}
+    if field == "metadata.generateName":
+        # The API server makes the name (generateName + 5 characters) before it validates, so
+        # it names metadata.name where an offline file, which has no name yet, names this.
+        field_there = "metadata.name"
+    else:
+        field_there = field
     # A strict-decoding refusal (an unknown field) names the field in its message only.
-    assert field in theirs or f'unknown field "{field}"' in body.get("message", ""), \
+    assert field_there in theirs or f'unknown field "{field}"' in body.get("message", ""), \
         (theirs, body.get("message"))
     assert field in ours, ours

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from api.cases import BASE
-from chart.test_rbac import TOLERATED_DENIALS
+from finetune_testbed.rbac import TOLERATED_DENIALS
 
 from finetune_testbed.chart_install import install_rbac, render_release, start_operator
 from .waiting import wait_for
