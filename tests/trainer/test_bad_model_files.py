@@ -75,6 +75,8 @@ def test_dataset_too_small_for_one_step_exits_3(make_job, run_trainer, s3_server
     uri = f"s3://{s3_server.bucket}/{key}"
     run = run_trainer(make_job("short-data", {"dataset": {"uri": uri}}))
     assert run.rc == 3, run.explain()
-    line = _one_clear_line(run.stderr, uri, "too small for one optimizer step")
+    # the trainer's verdict: one line (Ray's controller logs the workers' tracebacks above it)
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("finetune-train: error: ")]
+    assert uri in line and "too small for one optimizer step" in line, line
     (failed,) = run.of("failed")
     assert failed["reason"] == "BadInput" and uri in failed["message"], (failed, line)

@@ -104,7 +104,7 @@ class _Background:
 
 def test_second_run_is_refused_then_takes_over_when_the_first_is_killed(make_job, run_trainer, ray_address,
                                                                         tmp_path):
-    job = make_job("two-runs", {"training": {"maxSteps": 60}, "checkpoint": {"everySteps": 4}})
+    job = make_job("two-runs", {"training": {"maxSteps": 60, "epochs": 5}, "checkpoint": {"everySteps": 4}})
     path = tmp_path / "two-runs.yaml"
     path.write_text(yaml.safe_dump(job))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_address}
