@@ -30,6 +30,8 @@ OTHER_NAMES = {
     "OwnerReferencesPermissionEnforcement",                 # an admission plugin
     "Recreate", "RuntimeDefault",                           # Deployment strategy, seccomp
     "CamelCase",                                            # the word, in the CRD's text
+    "HeadPodReady", "RayClusterProvisioned",                # KubeRay's RayCluster conditions
+    "Unschedulable",                                        # the scheduler's PodScheduled reason
 }
 
 
