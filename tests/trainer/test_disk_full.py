@@ -28,9 +28,9 @@ def tiny_disk(tmp_path):
 
 
 class TorchSave:
-    """What both strategies' save() comes down to: torch.save of state into the directory."""
+    """What both strategies' save_checkpoint() comes down to: torch.save of state into the directory."""
 
-    def save(self, directory: str, tag: str) -> None:
+    def save_checkpoint(self, directory: str, tag: str) -> None:
         import torch
 
         os.makedirs(os.path.join(directory, tag))
