@@ -126,3 +126,16 @@ def s3_proxy(s3_server):
     proxy = FaultProxy(target.hostname, target.port)
     yield proxy
     proxy.close()
+
+
+@pytest.fixture(params=["s3", "file"])
+def run_loc(request, tmp_path):
+    """A job's checkpoint location (its run folder), on moto S3 and on file://: the lease and
+    clean-up tests run on both."""
+    from finetune_trainer import storage
+
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        return storage.resolve(f"s3://{s3.bucket}/run-{uuid.uuid4().hex[:6]}/job-a",
+                               storage.S3Settings(s3.endpoint))
+    return storage.resolve(f"file://{tmp_path}/ckpt/job-a")

@@ -16,15 +16,6 @@ import pytest
 from finetune_trainer import cleanup, storage
 
 
-@pytest.fixture(params=["s3", "file"])
-def run_loc(request, tmp_path):
-    if request.param == "s3":
-        s3 = request.getfixturevalue("s3_server")
-        return storage.resolve(f"s3://{s3.bucket}/cleanup-{uuid.uuid4().hex[:6]}/job-a",
-                               storage.S3Settings(s3.endpoint))
-    return storage.resolve(f"file://{tmp_path}/ckpt/job-a")
-
-
 def _put(run_loc, rel: str, body: bytes) -> None:
     path = f"{run_loc.path}/{rel}"
     if run_loc.scheme == "file":

@@ -11,22 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
 from finetune_trainer import lease as lease_mod
 from finetune_trainer import storage
 from finetune_trainer.lease import Lease, LeaseHeldError
-
-
-@pytest.fixture(params=["s3", "file"])
-def run_loc(request, tmp_path):
-    if request.param == "s3":
-        s3 = request.getfixturevalue("s3_server")
-        return storage.resolve(f"s3://{s3.bucket}/leases-{uuid.uuid4().hex[:6]}/job-a",
-                               storage.S3Settings(s3.endpoint))
-    return storage.resolve(f"file://{tmp_path}/ckpt/job-a")
 
 
 def _stored(run_loc) -> dict:
