@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from finetune_testbed.ports import free_port  # noqa: F401  (the benchmarks' one port picker)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 VENV_BIN = Path(sys.executable).parent
@@ -83,12 +85,6 @@ def proc_status_kb(pid: int, key: str) -> int | None:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- output --------------------------------------------------------------------------------
