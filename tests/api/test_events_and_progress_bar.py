@@ -110,3 +110,23 @@ def test_verbose_shows_every_line_and_a_stop_is_one_line():
 
 def test_render_bar_without_total():
     assert "step 0/0" in render_bar({"step": 0})
+
+
+def test_every_field_the_trainer_writes_is_documented():
+    """The spec reference's event table (finetune_api.events.EVENTS) lists what the trainer
+    really writes: every emit("kind", field=...) in its code."""
+    import ast
+    from pathlib import Path
+
+    from finetune_api.events import EVENTS
+
+    trainer = Path(__file__).resolve().parents[2] / "trainer_image" / "finetune_trainer"
+    written: dict[str, set[str]] = {}
+    for path in trainer.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and getattr(node.func, "id", getattr(node.func, "attr", "")).lstrip("_") in ("emit", "emit_fn"):
+                written.setdefault(node.args[0].value, set()).update(k.arg for k in node.keywords if k.arg)
+    assert set(written) == set(EVENTS), written
+    for kind, fields in written.items():
+        assert fields <= set(EVENTS[kind]), (kind, fields - set(EVENTS[kind]))

@@ -235,9 +235,16 @@ def stopped(stop: stopping.Stopped, step: int, resume_from: int) -> int:
     from finetune_api.status import Reason
 
     message = f"stopped at step {step}; rerun to resume from step {resume_from}"
-    print(f"finetune-train: {message}", file=sys.stderr, flush=True)
-    emit("failed", reason=Reason.STOPPED, message=message, signal=signal.Signals(stop.signum).name,
-         step=step, resumeFromStep=resume_from)
+    try:
+        print(f"finetune-train: {message}", file=sys.stderr, flush=True)
+        emit("failed", reason=Reason.STOPPED, message=message, signal=signal.Signals(stop.signum).name,
+             step=step, resumeFromStep=resume_from)
+    except BrokenPipeError:
+        # `finetune run` was killed: nobody reads our output any more. Point it at /dev/null so
+        # that the flushes at exit do not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
     return stop.exit_code
 
 
@@ -268,7 +275,7 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
-    trainer = stopping.stoppable_trainer(TorchTrainer)(
+    trainer = _trainer_class(TorchTrainer, own_ray=not os.environ.get("RAY_ADDRESS"))(
         train_worker,
         train_loop_config={"job": job.document, "fresh": fresh, "upload_mode": upload_mode, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=res.training_processes, use_gpu=use_gpu,
@@ -307,6 +314,28 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
           f"final model: {job.final_model_uri}", flush=True)
     return EXIT_OK
+
+
+def _trainer_class(base, own_ray: bool):
+    """The TorchTrainer with our stop handler (stopping.py); on a Ray of our own, also without
+    Ray Train's PlacementGroupCleaner. That actor removes the run's placement group should the
+    controller die without doing so, which matters on a shared cluster only: an embedded Ray
+    dies with its driver. It watches the controller through the state API, which needs the
+    dashboard (off here) and finds the cluster's address by searching the machine, so on one
+    machine it printed a "Failed to query Ray Train Controller actor state" warning every few
+    seconds, and a "Found multiple active Ray instances" traceback when another Ray ran there."""
+    trainer_cls = stopping.stoppable_trainer(base)
+    if not own_ray:
+        return trainer_cls
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class OneMachineTrainer(trainer_cls):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    OneMachineTrainer.__name__ = OneMachineTrainer.__qualname__ = base.__name__
+    return OneMachineTrainer
 
 
 def _drain_logs() -> None:

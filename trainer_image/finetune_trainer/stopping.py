@@ -96,7 +96,7 @@ def stoppable_trainer(trainer_cls):
     import ray
 
     class StoppableTrainer(trainer_cls):
-        def _register_sigint_handler(self, controller) -> None:
+        def _register_sigint_handler(self, controller) -> None:  # called by fit(), main thread
             def abort() -> None:
                 try:
                     ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
