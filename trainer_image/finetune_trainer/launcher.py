@@ -267,9 +267,15 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
 
     try:
         _gpu_check(job)
-        _init_ray()
     except TrainerError as exc:
         return fail(exc.reason, str(exc), exc.exit_code)
+    try:
+        _init_ray()
+    except Exception as exc:  # Ray's start-up (an overloaded machine, an unreachable cluster)
+        _shutdown_ray()
+        where = os.environ.get("RAY_ADDRESS") or "this machine"
+        return fail(TrainerError.reason, f"could not start or join Ray ({where}): {_one_line(exc)}",
+                    EXIT_TRAINING_FAILED)
 
     res = job.spec.resources
     use_gpu = res.gpus_per_worker > 0
