@@ -2,14 +2,16 @@
 runs of one job (2 CPU workers, moto S3 behind the fault proxy), through a pipe, each one
 interrupted from here, each the rerun of the one before:
 
-1. its own Ray (no RAY_ADDRESS), SIGTERM while a checkpoint upload is in flight: exit 143, the
-   one line, and no process left behind (GCS, raylet, agents, workers); the log holds Ray's
-   output, with no "Found multiple active Ray instances" although the session's Ray runs here;
+1. SIGTERM while a checkpoint upload is in flight: exit 143, the one line, and no process of
+   the run left (the trainer, Ray Train's controller and workers);
 2. SIGINT during training: exit 130; it resumed from the last complete checkpoint, not from
    the one whose upload was cut off;
 3. SIGKILL of `finetune run`: its trainer notices, stops and leaves nothing;
 4. SIGKILL of one worker (as the OOM killer would): the verdict names that rank and pid, not
-   the other rank's "Connection reset by peer", and shows that worker's last lines.
+   the other rank's "Connection reset by peer", and shows that worker's last lines;
+5. its own Ray (no RAY_ADDRESS), SIGTERM: nothing of that Ray left (GCS, raylet, agents,
+   workers); its log holds Ray's output, with no "Found multiple active Ray instances"
+   although the session's Ray runs here.
 """
 
 from __future__ import annotations
@@ -127,71 +129,66 @@ def test_signals_stop_the_run_cleanly_and_the_rerun_resumes_and_a_killed_worker_
                              "s3": {"endpoint": s3_proxy.endpoint}})
     path = tmp_path / "stops.yaml"
     path.write_text(yaml.safe_dump(job))
-    base_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    base_env["XDG_STATE_HOME"] = str(tmp_path / "state")
-    joined = {**base_env, "RAY_ADDRESS": ray_address}
+    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    own_ray["XDG_STATE_HOME"] = str(tmp_path / "state")
+    joined = {**own_ray, "RAY_ADDRESS": ray_address}
+    before = job_actors()
 
-    # 1. A Ray of its own; SIGTERM while the step-8 checkpoint's upload is held up.
+    def new_actors() -> list[psutil.Process]:
+        return [psutil.Process(pid) for pid in set(job_actors()) - set(before)]
+
+    # 1. SIGTERM while the step-8 checkpoint's upload is held up: that checkpoint never counts.
     s3_proxy.arm(rb"PUT /[^ ]*/checkpoint_step00000008_", 300.0, selective=True)
-    first = Cli(path, base_env)
+    first = Cli(path, joined)
     first.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] == 4, "the step-4 checkpoint")
     deadline = time.monotonic() + 300
     while s3_proxy.triggered_at is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert s3_proxy.triggered_at is not None, first.explain()
-    tree = psutil.Process(first.proc.pid).children(recursive=True)
-    names = {p.name() for p in tree}
-    assert {"raylet", "gcs_server", "ray::RayTrainWorker"} <= names, names
+    procs = psutil.Process(first.proc.pid).children() + new_actors()
     first.proc.send_signal(signal.SIGTERM)
     assert first.finish() == 143, first.explain()
-    assert not wait_gone(tree, timeout=30), f"left behind: {alive(tree)}"
+    assert not wait_gone(procs), f"left behind: {alive(procs)}"
     step, resume = map(int, stop_line(first).groups())
     assert step >= 8 and resume == 4, first.explain()
     stopped = first.events()[-1]
     assert stopped["event"] == "failed" and stopped["reason"] == "Stopped" and stopped["signal"] == "SIGTERM"
-    log = first.log_path().read_text()
-    assert "(RayTrainWorker pid=" in log and "Found multiple active Ray instances" not in log
     assert not any(e["event"] == "checkpoint" and e["step"] == 8 for e in first.events())
     s3_proxy.heal()
 
-    # 2. SIGINT during training: the rerun resumed from step 4 (the cut-off upload never counted).
-    before = job_actors()
+    # 2. SIGINT during training: the rerun resumed from step 4, not from the cut-off upload.
     second = Cli(path, joined)
     started = second.wait_for(lambda e: e["event"] == "started", "started")
     assert started["resumedFromStep"] == 4, second.explain()
     second.wait_for(lambda e: e["event"] == "progress", "a progress event")
-    actors = [psutil.Process(pid) for pid in set(job_actors()) - set(before)]
-    assert actors, "no Ray Train processes of this run found"
+    procs = psutil.Process(second.proc.pid).children() + new_actors()
     second.proc.send_signal(signal.SIGINT)
     assert second.finish() == 130, second.explain()
     step, resume = map(int, stop_line(second).groups())
     assert step > 4 and resume >= 4, second.explain()
     assert second.events()[-1]["signal"] == "SIGINT"
-    assert not wait_gone(actors), f"left behind: {alive(actors)}"
+    assert not wait_gone(procs), f"left behind: {alive(procs)}"
 
     # 3. SIGKILL of `finetune run`: its trainer stops by itself, and so do the workers.
     third = Cli(path, joined)
     started = third.wait_for(lambda e: e["event"] == "started", "started")
     assert started["resumedFromStep"] == resume, third.explain()
     third.wait_for(lambda e: e["event"] == "progress", "a progress event")
-    trainer = psutil.Process(third.proc.pid).children()
-    actors = [psutil.Process(pid) for pid in set(job_actors()) - set(before)]
+    trainer, actors = psutil.Process(third.proc.pid).children(), new_actors()
     assert trainer and actors
     third.proc.kill()
     third.finish()
     assert not wait_gone(trainer + actors, timeout=120), f"left behind: {alive(trainer + actors)}"
-    resumed_by_third = resume
 
     # 4. One worker killed by the system: it is the cause, with its last lines.
     fourth = Cli(path, joined)
     started = fourth.wait_for(lambda e: e["event"] == "started", "started")
-    assert started["resumedFromStep"] >= resumed_by_third, fourth.explain()
+    assert started["resumedFromStep"] >= resume, fourth.explain()
     fourth.wait_for(lambda e: e["event"] == "progress", "a progress event")
     log_path = fourth.log_path()
     rank0 = {int(m) for m in re.findall(r"\(RayTrainWorker pid=(\d+)[^)]*\) \{\"event\": \"started\"",
                                         log_path.read_text())}
-    workers = [pid for pid, name in job_actors().items() if name.startswith("ray::RayTrainWorker")
-               and pid not in before]
+    workers = [p.pid for p in new_actors() if p.name().startswith("ray::RayTrainWorker")]
     victims = [pid for pid in workers if pid not in rank0]
     assert len(rank0) == 1 and len(victims) == 1, (rank0, workers)
     os.kill(victims[0], signal.SIGKILL)
@@ -204,4 +201,21 @@ def test_signals_stop_the_run_cleanly_and_the_rerun_resumes_and_a_killed_worker_
     err = fourth.stderr_lines()
     assert f"last lines of worker rank 1 (pid {victims[0]}):" in err and err[-1] == f"log: {log_path}", \
         fourth.explain()
-    print(f"stops at {stop_line(first).groups()}, {stop_line(second).groups()}; dead worker: {failed['message']}")
+
+    # 5. A Ray of its own (the session's Ray runs on this machine too), SIGTERM: no process
+    # of it is left (GCS, raylet, agents, workers), and Ray never searched for other instances.
+    fifth = Cli(path, own_ray)
+    started = fifth.wait_for(lambda e: e["event"] == "started", "started")
+    assert started["resumedFromStep"] >= resume, fifth.explain()
+    fifth.wait_for(lambda e: e["event"] == "progress", "a progress event")
+    tree = psutil.Process(fifth.proc.pid).children(recursive=True)
+    names = {p.name() for p in tree}
+    assert {"raylet", "gcs_server", "ray::RayTrainWorker"} <= names, names
+    fifth.proc.send_signal(signal.SIGTERM)
+    assert fifth.finish() == 143, fifth.explain()
+    assert not wait_gone(tree, timeout=30), f"left behind: {alive(tree)}"
+    stop_line(fifth)
+    log = fifth.log_path().read_text()
+    assert "(RayTrainWorker pid=" in log and "Found multiple active Ray instances" not in log
+    print(f"stops: {stop_line(first).groups()}, {stop_line(second).groups()}, {stop_line(fifth).groups()}; "
+          f"dead worker: {failed['message']}")
