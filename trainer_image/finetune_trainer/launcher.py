@@ -219,6 +219,7 @@ def run_job(job: FineTuneJob, fresh: bool = False) -> int:
         lease.start_refreshing()
         return _train(job, fresh, upload_mode, ckpt, attempt)
     except (KeyboardInterrupt, stopping.Stopped) as stop:
+        stopping.shield()
         if lease.lost:  # the lease thread interrupted us: another run holds the location now
             _shutdown_ray()
             return fail(TrainerError.reason, lease.lost, EXIT_TRAINING_FAILED)

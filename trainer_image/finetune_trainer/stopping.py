@@ -5,7 +5,8 @@ The first signal stops training through Ray Train's own abort (the controller ki
 worker group; a checkpoint whose upload is in flight is never registered, so a rerun never
 uses it and removes it, cleanup.py), then the driver shuts its Ray down, prints one line
 ("stopped at step N; rerun to resume from step M") and exits 128 + the signal (130, 143;
-finetune_api.status.Exit). A second signal stops at once, without waiting for the abort.
+finetune_api.status.Exit). A second signal stops at once, without waiting for the abort (Ray's
+shutdown still runs; signals after that are ignored).
 
 Ray Train registers a SIGINT handler of its own inside `fit()` (its abort, SIGINT only);
 `StoppableTrainer` puts ours there instead, for both signals.
@@ -77,6 +78,14 @@ def install() -> None:
     parent = os.environ.get(PARENT_PID_ENV)
     if parent and parent.isdigit():
         _die_with_parent(int(parent))
+
+
+def shield() -> None:
+    """Further signals are ignored: the stop is under way, and Ray's shutdown (which kills
+    Ray's processes itself) must not be cut short and leave them behind."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _die_with_parent(parent: int) -> None:
