@@ -27,7 +27,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RAY_PREFIX = re.compile(r"^\((?P<who>[^()\s]+) pid=(?P<pid>\d+)(?:, ip=[^)]*)?\) ?")
 # The trainer's own lines for people start with this; the ones below it shows as events.
 OWN = "finetune-train: "
-SHOWN_AS_EVENTS = ("error: ", "checkpoint at step ")
+SHOWN_AS_EVENTS = ("error: ", "stopped at step ", "checkpoint at step ")
 TAIL_LINES = 15
 
 

@@ -102,10 +102,21 @@ def test_without_a_terminal_stdout_is_the_event_stream_and_people_read_stderr():
 def test_verbose_shows_every_line_and_a_stop_is_one_line():
     console, out, err = _console(terminal=True, verbose=True)
     console.feed(FEED[2] + "\n")
+    console.feed("finetune-train: stopped at step 3; rerun to resume from step 2\n")
     console.feed(format_event("failed", reason="Stopped", message="stopped at step 3; rerun to resume from step 2",
                               signal="SIGINT", step=3, resumeFromStep=2) + "\n")
     console.finish(130)
-    assert out.getvalue() == (FEED[2] + "\n" + "stopped at step 3; rerun to resume from step 2\n")
+    assert out.getvalue() == (FEED[2] + "\n" + "finetune-train: stopped at step 3; rerun to resume from step 2\n"
+                              "stopped at step 3; rerun to resume from step 2\n")  # verbose: the log's line too
+
+
+def test_a_stop_is_one_line():
+    console, out, err = _console(terminal=False)
+    console.feed("finetune-train: stopped at step 3; rerun to resume from step 2\n")
+    console.feed(format_event("failed", reason="Stopped", message="stopped at step 3; rerun to resume from step 2",
+                              signal="SIGTERM", step=3, resumeFromStep=2) + "\n")
+    console.finish(143)
+    assert err.getvalue() == "stopped at step 3; rerun to resume from step 2\n"
 
 
 def test_render_bar_without_total():
