@@ -1,14 +1,11 @@
-"""The trainer's progress events: one JSON object per line in its log.
+"""The trainer's events: one JSON object per line in its log.
 
 The trainer writes them (`format_event`); `finetune run` and the operator read them back
 from a log in which Ray may have put a prefix such as `(RayTrainWorker pid=12) ` before each
-line (`parse_event_line`). Every event carries `"event"`:
-
-- `started`:    {totalSteps, resumedFromStep, workers, strategy}
-- `progress`:   {step, totalSteps, epoch, loss, learningRate, tokensPerSecond, etaSeconds}
-- `checkpoint`: {step, uri}
-- `completed`:  {step, loss, modelUri}
-- `failed`:     {reason, message}
+line (`parse_event_line`). Without a terminal, `finetune run`'s stdout is these events alone,
+one per line, without prefixes. Every event carries `"event"` (its kind) and `"time"` (Unix
+seconds); the fields of each kind are `EVENTS`' (the spec reference's table is made from it).
+New fields may be added to a kind; none is renamed or removed.
 """
 
 from __future__ import annotations
@@ -17,7 +14,44 @@ import json
 import time
 from typing import Any, Iterable
 
-EVENT_KINDS = ("started", "progress", "checkpoint", "completed", "failed")
+EVENTS: dict[str, dict[str, str]] = {
+    "started": {
+        "totalSteps": "optimizer steps of the whole run",
+        "resumedFromStep": "the checkpoint's step it resumed from; 0 from the base model",
+        "workers": "training processes",
+        "strategy": "`deepspeed` or `fsdp`",
+    },
+    "progress": {
+        "step": "optimizer steps done",
+        "totalSteps": "optimizer steps of the whole run",
+        "epoch": "the epoch of that step (from 0)",
+        "loss": "training loss of that step, averaged over the workers; null if not finite",
+        "learningRate": "learning rate of that step",
+        "tokensPerSecond": "tokens trained per second since the last progress event",
+        "etaSeconds": "estimated seconds to the last step",
+    },
+    "checkpoint": {
+        "step": "the step it holds",
+        "uri": "where it is; printed once every worker's part is uploaded and Ray Train "
+               "registered it (the one a rerun resumes from)",
+    },
+    "completed": {
+        "step": "the last step",
+        "loss": "its loss",
+        "modelUri": "the final model (Hugging Face format)",
+    },
+    "failed": {
+        "reason": "a reason of the status vocabulary (`TrainingFailed`, `InvalidJob`, "
+                  "`BadInput`, `Stopped`); the exit code tells whether a retry can help",
+        "message": "one line for people",
+        "rank": "the worker that failed, when one did (a dead worker's rank, not a symptom's)",
+        "pid": "its process id (`finetune run` shows its last lines)",
+        "signal": "`Stopped`: `SIGINT` or `SIGTERM`",
+        "step": "`Stopped`: the last step reported before the stop",
+        "resumeFromStep": "`Stopped`: the step a rerun resumes from (latest complete checkpoint)",
+    },
+}
+EVENT_KINDS = tuple(EVENTS)
 _MARKER = '{"event": '
 
 

@@ -6,6 +6,7 @@ import json
 
 from . import API_VERSION, KIND
 from .schema import Schema, openapi_schema
+from .events import EVENTS
 from .status import EXITS, ConditionType, Phase, Reason, Vocabulary
 
 
@@ -81,6 +82,27 @@ def vocabulary_section() -> list[str]:
     ]
 
 
+def events_section() -> list[str]:
+    """The trainer's JSON events (finetune_api.events), one row per field."""
+    rows = [f"| `{kind}` | `{name}` | {_cell(meaning)} |"
+            for kind, fields in EVENTS.items() for name, meaning in fields.items()]
+    return [
+        "## Trainer events (the JSON stream)",
+        "",
+        "The trainer prints one JSON object per line for programs (the operator reads them from "
+        "its log); without a terminal, or with `--plain`, `finetune run`'s stdout is these "
+        "events alone, one per line (`finetune run job.yaml | jq -c 'select(.event == "
+        "\"progress\") | [.step, .loss]'`), and its text for people goes to stderr. Every event "
+        "has `event` (its kind) and `time` (Unix seconds); fields may be added, never renamed. "
+        "From `api/finetune_api/events.py`.",
+        "",
+        "| event | field | meaning |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def render_reference() -> str:
     root = openapi_schema()
     spec = root["properties"]["spec"]
@@ -116,4 +138,5 @@ def render_reference() -> str:
         *status_rows,
         "",
         *vocabulary_section(),
+        *events_section(),
     ]).rstrip("\n") + "\n"

@@ -107,6 +107,9 @@ class Reason(Vocabulary):
     INVALID_JOB = "InvalidJob", "The trainer refused the job document; not retried."
     BAD_INPUT = "BadInput", (
         "Missing bucket, model or dataset, unreadable data, or no GPUs; not retried.")
+    STOPPED = "Stopped", (
+        "The trainer was stopped by SIGINT or SIGTERM (Ctrl-C, pod deletion, preemption) and "
+        "shut Ray Train down; retried from the latest checkpoint.")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,11 @@ class Exit:
     INVALID_JOB = TrainerExit(2, Reason.INVALID_JOB, False, "Invalid job.")
     BAD_INPUT = TrainerExit(3, Reason.BAD_INPUT, False, "Bad input: missing bucket, model or "
                             "dataset; GPUs asked for but none present.")
+    # 128 + the signal, as shells report a process a signal ended. Retryable: an attempt
+    # stopped by preemption or a pod's deletion resumes from its latest checkpoint.
+    INTERRUPTED = TrainerExit(130, Reason.STOPPED, True, "Stopped by SIGINT (Ctrl-C).")
+    TERMINATED = TrainerExit(143, Reason.STOPPED, True, "Stopped by SIGTERM (kill, pod "
+                             "deletion, preemption).")
 
 
 EXITS: dict[int, TrainerExit] = {e.code: e for e in vars(Exit).values()
@@ -138,6 +146,8 @@ def not_retryable(exit_code: int | None) -> TrainerExit | None:
 
 # The environment variable that carries the job document (JSON) to the trainer's driver.
 JOB_ENV = "FINETUNE_JOB"
+# `finetune run` gives its trainer its pid here: the trainer stops when that process dies.
+PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 
 
 class S3Secret:

@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start from the base model instead of resuming the latest checkpoint")
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
-    p.add_argument("--plain", action="store_true", help="no progress bar: print the log")
+    p.add_argument("--plain", action="store_true",
+                   help="no progress bar: stdout is the JSON event stream, as without a terminal")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the log (the trainer's, Ray's and the workers' output) as it comes")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="where the log goes (default: $XDG_STATE_HOME/finetune/logs/JOB-TIME-PID.log)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("render", help="print what the operator would create for every job "

@@ -8,8 +8,11 @@ they can (missing Secret -> run -> delete; fail once -> retry -> succeed).
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -125,16 +128,26 @@ def test_missing_secret_then_run_then_delete(s3_server, tiny_assets, kube, kuber
 def test_bad_input_fails_without_retry_and_keeps_the_log(s3_server, tiny_assets, kube, kuberay,
                                                         ray_head, start_operator,
                                                         s3_secret, tiny_job):
-    """A job the trainer refuses (exit code 3: the model is not there) fails at once, with
-    the log's tail in status and the full log next to the checkpoints."""
+    """A job the trainer refuses (exit code 3: its model.safetensors is truncated, which no
+    retry can fix) fails at once with the trainer's reason, without retries, with the log's
+    tail in status and the full log next to the checkpoints."""
     name = "badinput"
     s3_secret()
-    doc = tiny_job(name, model={"uri": f"s3://{s3_server.bucket}/no/such/model"})
+    prefix = f"truncated-{uuid.uuid4().hex[:6]}"
+    for file in os.listdir(tiny_assets.model_dir):
+        body = Path(tiny_assets.model_dir, file).read_bytes()
+        if file == "model.safetensors":
+            body = body[: len(body) // 2]
+        s3_server.client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{file}", Body=body)
+    model_uri = f"s3://{s3_server.bucket}/{prefix}"
+    doc = tiny_job(name, model={"uri": model_uri}, runPolicy={"backoffLimit": 3})
     start_operator()
     kube.create(doc, "finetunejobs")
     st = wait_phase(kube, name, ("Failed", "Succeeded"), 180)
     assert st["phase"] == "Failed", st
-    assert condition(st, "Failed")["reason"] == "BadInput"
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "BadInput"
+    assert f"{model_uri}/model.safetensors" in failed["message"] and "truncated" in failed["message"], failed
     assert st.get("retries", 0) == 0
     assert len(ray_jobs(ray_head, name)) == 1
     assert st["logTail"] and len(st["logTail"].splitlines()) <= 30

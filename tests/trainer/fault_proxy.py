@@ -73,6 +73,11 @@ class FaultProxy:
         with self._lock:
             self._armed = (re.compile(pattern), seconds, selective)
 
+    def heal(self) -> None:
+        """End any outage now, and disarm."""
+        with self._lock:
+            self._down_until, self._selective, self._armed = 0.0, None, None
+
     def wait_until_up(self) -> None:
         while self.down() or (self._selective and time.monotonic() < self._selective[1]):
             time.sleep(0.1)

@@ -48,3 +48,32 @@ class StorageError(TrainerError):
 class WorkerError(TrainerError):
     """A worker's exception that cannot be pickled (so cannot reach the driver as itself),
     carried as its type and one-line message."""
+
+
+class WorkerDiedError(TrainerError):
+    """A training process that died rather than raised: killed (SIGKILL, the kernel's OOM
+    killer, Ray's memory monitor) or crashed. Named by its rank and pid, with Ray's account
+    of the exit, since the other ranks only see their connection to it reset."""
+
+    def __init__(self, message: str, rank: int | None = None, pid: int | None = None):
+        super().__init__(message)
+        self.rank, self.pid = rank, pid
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.rank, self.pid))
+
+    @classmethod
+    def of(cls, rank: int, died: BaseException) -> "WorkerDiedError":
+        """From Ray's ActorDiedError, whose text holds the pid and the exit's type and detail."""
+        import re
+
+        text = str(died)
+        pid_match = re.search(r"\bpid: (\d+)", text)
+        pid = int(pid_match.group(1)) if pid_match else None
+        detail = re.search(r"Worker exit type: (\S+)\s+Worker exit detail: (.*)", text, re.S)
+        if detail:
+            account = f"{detail.group(1)}: {' '.join(detail.group(2).split())}"
+        else:
+            account = " ".join(text.split())
+        who = f"worker rank {rank}" + (f" (pid {pid})" if pid else "")
+        return cls(f"{who} died: {account[:400]}", rank, pid)

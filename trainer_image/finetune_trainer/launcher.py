@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+import signal
 import sys
 import time
 
@@ -18,8 +19,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 from finetune_api.model import FineTuneJob  # noqa: E402
 
 from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_TRAINING_FAILED, BadInputError,  # noqa: E402
-                     TrainerError)
+                     TrainerError, WorkerDiedError)
 from .progress import emit  # noqa: E402
+from . import stopping  # noqa: E402
 from .storage import Location, S3Settings, check_bucket, resolve  # noqa: E402
 
 # Worker environment passed through from the driver when set (never credentials: workers
@@ -43,11 +45,15 @@ PASSED_ENV = ("TORCH_EXTENSIONS_DIR", "FINETUNE_CACHE_DIR", "FINETUNE_FAULT_AFTE
 UPLOAD_MODE_ENV = "FINETUNE_CHECKPOINT_UPLOAD_MODE"
 DEFAULT_UPLOAD_MODE = "ASYNC"
 
+_step_watch = stopping.StepWatch()
 
-def fail(reason: str, message: str, code: int) -> int:
-    """One clear line for people, one `failed` event for programs; no traceback."""
+
+def fail(reason: str, message: str, code: int, **where: int) -> int:
+    """One clear line for people, one `failed` event for programs; no traceback. `where`:
+    the rank and pid of the worker that failed, when known (`finetune run` shows its last
+    lines)."""
     print(f"finetune-train: error: {message}", file=sys.stderr, flush=True)
-    emit("failed", reason=reason, message=message)
+    emit("failed", reason=reason, message=message, **where)
     return code
 
 
@@ -98,8 +104,11 @@ def _init_ray() -> None:
         # Inside a Ray job on the cluster (or joining one): the driver reserves no CPU.
         ray.init(address=address, log_to_driver=True)
     else:
-        # A one-machine run: no dashboard (it costs a CPU core's worth of start-up).
-        ray.init(log_to_driver=True, include_dashboard=False)
+        # A one-machine run: a Ray of its own ("local": never looks for other Ray instances
+        # on the machine, which without it prints a "Found multiple active Ray instances"
+        # traceback), and no dashboard (it costs a CPU core's worth of start-up).
+        ray.init(address="local", log_to_driver=True, include_dashboard=False)
+    _step_watch.attach()
 
 
 def _gpu_check(job: FineTuneJob) -> None:
@@ -114,15 +123,43 @@ def _gpu_check(job: FineTuneJob) -> None:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    """The worker's own exception inside Ray Train's wrappers."""
+    """The worker's own exception inside Ray Train's wrappers. Of several ranks' failures, a
+    worker that died (killed, OOM, crashed) is the cause; the other ranks' errors (gloo's
+    "Connection reset by peer") are its symptoms."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
-        first = failures[min(failures)]
-        return _root_cause(first)
+        died = sorted(rank for rank, failure in failures.items() if _dead_worker(failure) is not None)
+        if died:
+            return WorkerDiedError.of(died[0], _dead_worker(failures[died[0]]))
+        rank = min(failures)
+        cause = _root_cause(failures[rank])
+        if getattr(cause, "rank", None) is None:
+            try:
+                cause.rank = rank
+            except AttributeError:
+                pass
+        return cause
     cause = getattr(exc, "cause", None) or getattr(exc, "controller_failure", None)
     if isinstance(cause, BaseException) and cause is not exc:
-        return _root_cause(cause)
+        inner = _root_cause(cause)
+        if getattr(inner, "pid", None) is None and isinstance(getattr(exc, "pid", None), int):
+            try:
+                inner.pid = exc.pid  # RayTaskError: the process the exception came from
+            except AttributeError:
+                pass
+        return inner
     return exc
+
+
+def _dead_worker(failure: BaseException):
+    """Ray's ActorDiedError when a rank's failure is its process's death (Ray Train reports
+    it as a failed health check of the worker), else None."""
+    from ray.exceptions import RayActorError
+
+    for candidate in (failure, getattr(failure, "health_check_failure", None)):
+        if isinstance(candidate, RayActorError):
+            return candidate
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -164,22 +201,61 @@ def run_job(job: FineTuneJob, fresh: bool = False) -> int:
     if upload_mode not in ("SYNC", "ASYNC"):
         return fail(BadInputError.reason, f"{UPLOAD_MODE_ENV}={upload_mode!r}: expected SYNC or ASYNC", EXIT_BAD_INPUT)
     attempt = attempt_name()
+    stopping.install()
+    run_loc = None
     try:
         ckpt = preflight(job)
         run_loc = resolve(job.checkpoint_run_uri, S3Settings.from_spec(job.spec.s3))
         lease = Lease.acquire(run_loc, attempt)
     except TrainerError as exc:
         return fail(exc.reason, str(exc), exc.exit_code)
+    except stopping.Stopped as stop:  # before training: nothing to shut down
+        resume_from = stopping.resume_step(run_loc) if run_loc is not None else 0
+        return stopped(stop, resume_from, resume_from)
     try:
         remove_unregistered_checkpoints(run_loc)
+        # The lease thread interrupts the main thread (as SIGINT would) when another run took
+        # the location over.
         lease.start_refreshing()
         return _train(job, fresh, upload_mode, ckpt, attempt)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, stopping.Stopped) as stop:
+        stopping.shield()
         if lease.lost:  # the lease thread interrupted us: another run holds the location now
+            _shutdown_ray()
             return fail(TrainerError.reason, lease.lost, EXIT_TRAINING_FAILED)
-        raise
+        if isinstance(stop, KeyboardInterrupt):
+            stop = stopping.Stopped(signal.SIGINT)
+        _shutdown_ray()
+        return stopped(stop, _step_watch.step, stopping.resume_step(run_loc))
     finally:
         lease.release()
+
+
+def stopped(stop: stopping.Stopped, step: int, resume_from: int) -> int:
+    """One line for people, one `failed` event (reason Stopped) for programs."""
+    from finetune_api.status import Reason
+
+    message = f"stopped at step {step}; rerun to resume from step {resume_from}"
+    try:
+        print(f"finetune-train: {message}", file=sys.stderr, flush=True)
+        emit("failed", reason=Reason.STOPPED, message=message, signal=signal.Signals(stop.signum).name,
+             step=step, resumeFromStep=resume_from)
+    except BrokenPipeError:
+        # `finetune run` was killed: nobody reads our output any more. Point it at /dev/null so
+        # that the flushes at exit do not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+    return stop.exit_code
+
+
+def _shutdown_ray() -> None:
+    """Ray's own shutdown: an embedded Ray stops its GCS, raylet, agents and workers; a joined
+    cluster's driver disconnects, and the job's actors, which it owns, end with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, attempt: str) -> int:
@@ -192,15 +268,21 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
 
     try:
         _gpu_check(job)
-        _init_ray()
     except TrainerError as exc:
         return fail(exc.reason, str(exc), exc.exit_code)
+    try:
+        _init_ray()
+    except Exception as exc:  # Ray's start-up (an overloaded machine, an unreachable cluster)
+        _shutdown_ray()
+        where = os.environ.get("RAY_ADDRESS") or "this machine"
+        return fail(TrainerError.reason, f"could not start or join Ray ({where}): {_one_line(exc)}",
+                    EXIT_TRAINING_FAILED)
 
     res = job.spec.resources
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
-    trainer = TorchTrainer(
+    trainer = _trainer_class(TorchTrainer, own_ray=not os.environ.get("RAY_ADDRESS"))(
         train_worker,
         train_loop_config={"job": job.document, "fresh": fresh, "upload_mode": upload_mode, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=res.training_processes, use_gpu=use_gpu,
@@ -223,17 +305,44 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train wraps the worker's exception
+        stopping.fit_done()
         cause = _root_cause(exc)
         reason = getattr(cause, "reason", None) or TrainerError.reason
         code = getattr(cause, "exit_code", EXIT_TRAINING_FAILED)
         _drain_logs()
-        return fail(reason, f"training failed: {type(cause).__name__}: {_one_line(cause)}", code)
+        where = {k: v for k in ("rank", "pid") if isinstance(v := getattr(cause, k, None), int)}
+        if isinstance(cause, WorkerDiedError):
+            return fail(reason, f"training failed: {cause}", code, **where)
+        return fail(reason, f"training failed: {type(cause).__name__}: {_one_line(cause)}", code, **where)
+    stopping.fit_done()
     _drain_logs()
     metrics = result.metrics or {}
     emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri)
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
           f"final model: {job.final_model_uri}", flush=True)
     return EXIT_OK
+
+
+def _trainer_class(base, own_ray: bool):
+    """The TorchTrainer with our stop handler (stopping.py); on a Ray of our own, also without
+    Ray Train's PlacementGroupCleaner. That actor removes the run's placement group should the
+    controller die without doing so, which matters on a shared cluster only: an embedded Ray
+    dies with its driver. It watches the controller through the state API, which needs the
+    dashboard (off here) and finds the cluster's address by searching the machine, so on one
+    machine it printed a "Failed to query Ray Train Controller actor state" warning every few
+    seconds, and a "Found multiple active Ray instances" traceback when another Ray ran there."""
+    trainer_cls = stopping.stoppable_trainer(base)
+    if not own_ray:
+        return trainer_cls
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class OneMachineTrainer(trainer_cls):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    OneMachineTrainer.__name__ = OneMachineTrainer.__qualname__ = base.__name__
+    return OneMachineTrainer
 
 
 def _drain_logs() -> None:
