@@ -59,7 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .kubestack import KubeStack, StackError, _die_with_parent
+from . import podshim
+from .kubestack import KubeStack, StackError
 from .nodes import NodeAgent
 from .podnet import PodNetwork, Sandbox
 
@@ -295,39 +296,19 @@ class PodWorker(threading.Thread):
             return
         c.container_id = f"kubestack://{uuid.uuid4().hex}"
         cdir = self.sandbox.dir / c.name
-        cdir.mkdir(exist_ok=True)
         tmp = self.sandbox.dir / "tmp"
         tmp.mkdir(exist_ok=True)
         tmp.chmod(0o1777)
         mounts = [[str(self.kubelet.image_bin), "/usr/local/bin"],
                   [str(self.sandbox.hosts), "/etc/hosts"],
                   [str(self.sandbox.resolv), "/etc/resolv.conf"]]
-        home = self.sandbox.dir / "home"
-        home.mkdir(exist_ok=True)
-        # The image's root home: an empty one, not the host's (whose profile edits PATH).
-        mounts.append([str(home), "/root"])
         mounts += self._volume_mounts(c.spec)
         # Last: the harness's own files (these sources) may live under the host's /tmp.
         mounts.append([str(tmp), "/tmp"])
-        pidfile = cdir / "pid1"
-        pidfile.unlink(missing_ok=True)
-        spec = {"netns": self.sandbox.netns_path, "hostname": self.pod["metadata"]["name"][:63],
-                "mounts": mounts, "argv": argv, "env": env,
-                "cwd": c.spec.get("workingDir") or "/", "pidfile": str(pidfile)}
-        spec_path = cdir / f"spec-{c.container_id[-8:]}.json"
-        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(spec, fh)
-        log = open(cdir / "log", "ab")
-        c.proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_testbed.podshim", str(spec_path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() and c.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        c.pid1 = int(pidfile.read_text()) if pidfile.exists() else None
+        c.proc, c.pid1 = podshim.launch(
+            netns=self.sandbox.netns_path, hostname=self.pod["metadata"]["name"],
+            argv=argv, env=env, mounts=mounts, workdir=cdir,
+            cwd=c.spec.get("workingDir") or "/")
         c.started_at, c.started_mono = _now(), time.monotonic()
         c.state = {"running": {"startedAt": c.started_at}}
         c.ready = False
@@ -602,7 +583,10 @@ class ProcessKubelet(NodeAgent):
         ns = pod["metadata"]["namespace"]
         env: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
                                        "/sbin:/bin",
-                               "HOSTNAME": pod["metadata"]["name"][:63], "HOME": "/root"}
+                               "HOSTNAME": pod["metadata"]["name"][:63],
+                               # The stand-in image's home: the container's own /tmp, not
+                               # the host's /root (whose profile edits PATH).
+                               "HOME": "/tmp"}
         if self.service_host:
             env.update({"KUBERNETES_SERVICE_HOST": self.service_host,
                         "KUBERNETES_SERVICE_PORT": "443",

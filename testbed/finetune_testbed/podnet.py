@@ -20,6 +20,7 @@ as in-cluster clients do, at its ClusterIP.
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
 import random
@@ -146,6 +147,7 @@ class PodNetwork:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        atexit.register(self.stop)
         return self
 
     def stop(self) -> None:

@@ -22,7 +22,11 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -109,6 +113,32 @@ def main(argv: list[str]) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def launch(*, netns: str, hostname: str, argv: list[str], env: dict[str, str],
+           mounts: list[list[str]], workdir: Path, cwd: str = "/") -> tuple[subprocess.Popen, int | None]:
+    """Start a shim for one container (or a sandboxed process without a Pod, such as the
+    operator); returns the shim and PID 1's host pid. `workdir` keeps the container's log
+    (`log`) and pid file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    pidfile = workdir / "pid1"
+    pidfile.unlink(missing_ok=True)
+    spec = {"netns": netns, "hostname": hostname[:63], "mounts": mounts, "argv": argv,
+            "env": env, "cwd": cwd, "pidfile": str(pidfile)}
+    spec_path = workdir / f"spec-{uuid.uuid4().hex[:8]}.json"
+    fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(spec, fh)
+    from .kubestack import _die_with_parent
+    with open(workdir / "log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune_testbed.podshim",
+                                 str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, int(pidfile.read_text()) if pidfile.exists() else None
 
 
 if __name__ == "__main__":
