@@ -319,7 +319,8 @@ class ServiceProxy:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         for port in self.ports.values():
             port.listener.shutdown()
             port.listener.server_close()

@@ -145,3 +145,55 @@ def test_exit_codes_and_restart_policy(network, tmp_path):
         assert (states["bad"]["exitCode"], states["bad"]["reason"]) == (3, "Error")
     finally:
         worker.terminate(grace=1)
+
+
+def test_services_resolve_and_proxy(network, tmp_path):
+    """The harness's cluster DNS and kube-proxy: a pod reaches a ClusterIP Service by its
+    name through the userspace proxy, and a headless one's name is its endpoints' address."""
+    import sys
+
+    from finetune_testbed import podshim
+    from finetune_testbed.podnet import ServiceProxy
+
+    client, server = (network.create_sandbox("ns", n) for n in ("client", "server"))
+    services = {"items": [
+        {"metadata": {"namespace": "ns", "name": "web"},
+         "spec": {"clusterIP": "10.0.0.77", "ports": [{"name": "http", "port": 80}]}},
+        {"metadata": {"namespace": "ns", "name": "head"},
+         "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 8080}]}}]}
+    slices = {"items": [
+        {"metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": svc}},
+         "endpoints": [{"addresses": [server.ip], "conditions": {"ready": True}}],
+         "ports": [{"name": "http", "port": 8080}]} for svc in ("web", "head")]}
+
+    def api(method, path, body=None):
+        return 200, services if path == "/api/v1/services" else slices
+    proxy = ServiceProxy(network, api, "https://127.0.0.1:6443")
+    proxy.sync()
+    hosts = client.hosts.read_text()
+    assert "10.0.0.77\tweb web.ns web.ns.svc web.ns.svc.cluster.local" in hosts
+    assert f"{server.ip}\thead head.ns head.ns.svc head.ns.svc.cluster.local" in hosts
+
+    def run(sb, argv, name):
+        return podshim.launch(netns=sb.netns_path, hostname=name, argv=argv,
+                              env={"PATH": "/usr/bin:/bin"},
+                              mounts=[[str(sb.hosts), "/etc/hosts"],
+                                      [str(sb.resolv), "/etc/resolv.conf"]],
+                              workdir=tmp_path / name)[0]
+    web = run(server, [sys.executable, "-m", "http.server", "8080", "-d", str(tmp_path)], "srv")
+    try:
+        fetch = ("import sys, time, urllib.request\n"
+                 "for _ in range(100):\n"
+                 "    try:\n"
+                 "        urllib.request.urlopen(sys.argv[1], timeout=5).read(); break\n"
+                 "    except OSError: time.sleep(0.1)\n"
+                 "else: sys.exit(1)\n")
+        for url in ("http://web.ns.svc.cluster.local/", "http://head.ns.svc:8080/"):
+            got = run(client, [sys.executable, "-c", fetch, url], "cli")
+            assert got.wait(timeout=60) == 0, (tmp_path / "cli" / "log").read_text()
+    finally:
+        # PID 1 of its namespace, without a SIGTERM handler: only SIGKILL ends it (the
+        # shim's death reaches it by PR_SET_PDEATHSIG).
+        web.kill()
+        web.wait(timeout=10)
+        proxy.stop()

@@ -27,6 +27,8 @@ from .waiting import wait_for
 pytestmark = [pytest.mark.realkube, pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TORCH_EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR",
+                                  os.path.join(REPO, ".cache", "torch_extensions"))
 
 
 def _job(name: str, ns: str, s3_server, tiny_assets) -> dict:
@@ -65,8 +67,7 @@ def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_
         "FINETUNE_OPERATOR_TRACKING_INTERVAL": "2",
         # DeepSpeed's CPU ops are compiled once per machine; the pods share the build.
         "FINETUNE_OPERATOR_TRAINER_ENV":
-            f"TORCH_EXTENSIONS_DIR={os.path.join(REPO, '.cache', 'torch_extensions')};"
-            "RAY_DEDUP_LOGS=0"})
+            f"TORCH_EXTENSIONS_DIR={TORCH_EXTENSIONS};RAY_DEDUP_LOGS=0"})
     doc = _job(name, ns, s3_server, tiny_assets)
 
     def status() -> dict:
