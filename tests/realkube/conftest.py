@@ -90,12 +90,21 @@ def kubelet_node(kubestack, pod_network):
         return not any(t["key"].startswith("node.kubernetes.io/") for t in taints)
     wait_for("the node lifecycle controller to find the kubelet's node Ready", ready,
              timeout=120)
+    # Cordoned between the tests that use it (`kubelet`): other tests' pods, whose states
+    # they write themselves, must not land where pods really run.
+    _cordon(kubestack, name, True)
     yield kubelet
     kubelet.stop()
     errors = kubelet.errors + [e for w in kubelet.workers.values() for e in w.errors]
     for node in list(kubelet.nodes):
         kubelet.remove(node)
     assert not errors, errors
+
+
+def _cordon(stack, node: str, unschedulable: bool) -> None:
+    stack.request("PATCH", f"/api/v1/nodes/{node}",
+                  {"spec": {"unschedulable": True if unschedulable else None}},
+                  content_type="application/merge-patch+json")
 
 
 @pytest.fixture
@@ -107,13 +116,15 @@ def kubelet(kubestack, kubelet_node):
     for node in kubestack.get("nodes")["items"]:
         name = node["metadata"]["name"]
         if name not in kubelet_node.nodes and not node["spec"].get("unschedulable"):
-            kubestack.request("PATCH", f"/api/v1/nodes/{name}", {"spec": {"unschedulable": True}},
-                              content_type="application/merge-patch+json")
+            _cordon(kubestack, name, True)
             cordoned.append(name)
+    for name in kubelet_node.nodes:
+        _cordon(kubestack, name, False)
     yield kubelet_node
+    for name in kubelet_node.nodes:
+        _cordon(kubestack, name, True)
     for name in cordoned:
-        kubestack.request("PATCH", f"/api/v1/nodes/{name}", {"spec": {"unschedulable": None}},
-                          content_type="application/merge-patch+json")
+        _cordon(kubestack, name, False)
 
 
 @pytest.fixture(scope="session")
