@@ -3,7 +3,8 @@ process kubelet (finetune_testbed.kubelet), real `ray start` processes in a netw
 per pod, the S3 Secret reaching them through `secretKeyRef`, the head's Ray process
 OOM-killed, and a deleted pod's processes stopped.
 
-One Ray cluster (head + one worker) for all of it: each costs about a core for a minute here.
+One Ray cluster (head + one worker, scaled up once the head runs) for all of it: each Ray
+node costs about a core for a minute here.
 """
 
 from __future__ import annotations
@@ -68,7 +69,12 @@ def test_a_raycluster_runs_on_the_process_kubelet(kubestack, kubelet):
     network = kubelet.network
     ns = f"run-{uuid.uuid4().hex[:5]}"
     name = "proc"
-    create_job_cluster(kubestack, ns, name, **{
+    def no_workers_yet(cluster: dict) -> None:
+        # The worker group starts empty and is scaled up once the head runs: two Ray nodes
+        # starting at once on 2 shared cores is what this test need not measure.
+        group = cluster["spec"]["workerGroupSpecs"][0]
+        group["replicas"] = group["minReplicas"] = 0
+    create_job_cluster(kubestack, ns, name, edit=no_workers_yet, **{
         "spec.resources.workers": 1, "spec.resources.gpusPerWorker": 0,
         "spec.resources.cpusPerWorker": 1, "spec.resources.memoryPerWorker": "2Gi",
         "spec.resources.nodeSelector": {"finetune.dev/pool": PROCESS_POOL}})
@@ -95,6 +101,14 @@ def test_a_raycluster_runs_on_the_process_kubelet(kubestack, kubelet):
                               and _condition(c, "HeadPodReady").get("status") == "True"
                               else None)(cluster()), timeout=420, interval=1)
     assert _condition(ready, "RayClusterProvisioned")["status"] == "True"
+    kubestack.request("PATCH", f"/apis/ray.io/v1/namespaces/{ns}/rayclusters/{name}",
+                      {"spec": {"workerGroupSpecs": [{
+                          **ready["spec"]["workerGroupSpecs"][0], "replicas": 1,
+                          "minReplicas": 1}]}},
+                      content_type="application/merge-patch+json")
+    wait_for("KubeRay's scaled-up worker to be ready", lambda: (
+        lambda p: p if p and _condition(p, "Ready").get("status") == "True" else None)(
+        _pod(kubestack, ns, name, "worker")), timeout=420, interval=1)
     head, worker = _pod(kubestack, ns, name, "head"), _pod(kubestack, ns, name, "worker")
     subnet = network.subnet
     for pod in (head, worker):
