@@ -188,13 +188,13 @@ class PodWorker(threading.Thread):
         self.main = [ContainerRun(c) for c in pod["spec"]["containers"]]
         self.start_time = _now()
         self.initialized = not self.init
-        self.phase = "Pending"
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
         self.lock = threading.Lock()
         self._last_status: str = ""
         self.errors: list[str] = []
+        self.warnings: list[str] = []
 
     # -- life
 
@@ -209,10 +209,13 @@ class PodWorker(threading.Thread):
             self.pod.setdefault("status", {}).update(
                 {"podIP": self.sandbox.ip, "hostIP": self.kubelet.network.gateway,
                  "podIPs": [{"ip": self.sandbox.ip}]})
-            self.report()
             while not self.stopping.is_set():
                 self.step()
-                self.report()
+                try:
+                    self.report()
+                except (StackError, OSError) as exc:
+                    # As a kubelet does: log it and write the status again next time.
+                    self.warnings.append(repr(exc))
                 self.stopping.wait(TICK)
         except Exception as exc:  # the test reads kubelet.errors
             self.errors.append(f"{self.name}: {exc!r}")
