@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 
+from . import podshim
 from .chart import chart
-from .kubestack import KubeStack, _die_with_parent
+from .kubestack import KUBERNETES_SERVICE_IP, KubeStack, _die_with_parent
+from .podnet import Sandbox
 from .ports import free_port
 
 RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
@@ -86,10 +88,20 @@ class OperatorProcess:
                 self.proc.wait()
 
 
-def start_operator(stack: KubeStack, release: Release, token: str) -> OperatorProcess:
-    """`finetune operator` as the chart's pod runs it, authenticated as its ServiceAccount."""
-    kubeconfig = stack.token_kubeconfig(f"operator-{release.name}", token)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "FINETUNE_"))}
+def start_operator(stack: KubeStack, release: Release, token: str, *,
+                   sandbox: Sandbox | None = None,
+                   extra_env: dict[str, str] | None = None) -> OperatorProcess:
+    """`finetune operator` as the chart's pod runs it, authenticated as its ServiceAccount.
+
+    With `sandbox` (finetune_testbed.podnet) it runs in that network namespace with the
+    sandbox's hosts file, as in a pod: it reaches the API server as in-cluster clients do, at
+    the `kubernetes` Service's ClusterIP, and the Ray dashboards at what KubeRay publishes."""
+    server = f"https://{KUBERNETES_SERVICE_IP}:443" if sandbox else None
+    kubeconfig = stack.token_kubeconfig(f"operator-{release.name}", token, server=server)
+    # Nor the test's S3 credentials: the chart's pod has none; the operator reads the job's
+    # Secret.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KUBE", "FINETUNE_", "AWS_"))}
     env.update(release.container_env())
     env.update({
         "KUBECONFIG": str(kubeconfig),
@@ -99,8 +111,16 @@ def start_operator(stack: KubeStack, release: Release, token: str) -> OperatorPr
         "FINETUNE_OPERATOR_METRICS_PORT": str(free_port()),
         "FINETUNE_OPERATOR_LOG_FORMAT": "text",
     })
-    log = stack.workdir / f"operator-{release.name}.log"
+    env.update(extra_env or {})
     finetune = Path(sys.executable).with_name("finetune")
+    if sandbox is not None:
+        workdir = stack.workdir / f"operator-{release.name}-{sandbox.name}"
+        proc, _ = podshim.launch(
+            netns=sandbox.netns_path, hostname=env["POD_ID"], argv=[str(finetune), "operator"],
+            env=env, mounts=[[str(sandbox.hosts), "/etc/hosts"],
+                             [str(sandbox.resolv), "/etc/resolv.conf"]], workdir=workdir)
+        return OperatorProcess(proc, workdir / "log")
+    log = stack.workdir / f"operator-{release.name}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([str(finetune), "operator"], env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

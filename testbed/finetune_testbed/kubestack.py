@@ -53,6 +53,8 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
             "kuberay-operator")
 FINETUNE_CRDS = REPO / "crds"
 SERVICE_CIDR = "10.0.0.0/24"
+# The `kubernetes` Service's ClusterIP: the first address of the range.
+KUBERNETES_SERVICE_IP = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KUBERAY_NAMESPACE = "kuberay-system"
 KUBERAY_SA = "kuberay-operator"
@@ -314,9 +316,11 @@ class KubeStack:
             raise StackError(f"TokenRequest for {namespace}/{name}: {status} {body}")
         return body["status"]["token"]
 
-    def token_kubeconfig(self, name: str, token: str) -> Path:
+    def token_kubeconfig(self, name: str, token: str, server: str | None = None) -> Path:
+        """A kubeconfig with `token`; `server` (e.g. the `kubernetes` Service's ClusterIP,
+        for a process on the pod network) instead of the API server's loopback address."""
         path = self.workdir / f"{name}.kubeconfig"
-        path.write_text(kubeconfig(self.server, self.ca.cert_pem, name, token=token))
+        path.write_text(kubeconfig(server or self.server, self.ca.cert_pem, name, token=token))
         path.chmod(0o600)
         return path
 
@@ -337,9 +341,8 @@ class KubeStack:
     def _write_pki(self) -> None:
         w = self.workdir
         (w / "ca.crt").write_bytes(self.ca.cert_pem)
-        cluster_ip = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
         cert, key = self.ca.issue(
-            "kube-apiserver", server=True, ips=("127.0.0.1", cluster_ip),
+            "kube-apiserver", server=True, ips=("127.0.0.1", KUBERNETES_SERVICE_IP),
             dns_names=("localhost", "kubernetes", "kubernetes.default",
                        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"))
         (w / "apiserver.crt").write_bytes(cert)

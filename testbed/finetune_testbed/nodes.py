@@ -10,8 +10,8 @@ controller watches to keep it Ready.
 No containers run here: the scheduler binds pods to these nodes and they stay Pending (a
 deleted one goes at once, its node confirming the deletion as a kubelet does), unless
 a test writes, as the pod's node, the states a kubelet would report (`PodReports`) to see
-how KubeRay reads them. (A process kubelet that runs the pods' commands is issue 10's next
-step.)
+how KubeRay reads them. finetune_testbed.kubelet's `ProcessKubelet` is this agent with the
+pods' containers really run.
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-agent", daemon=True)
         self.errors: list[str] = []
+        # The nodes' InternalIP (status.addresses; pods' hostIP under the process kubelet).
+        self.node_ip = "127.0.0.1"
 
     def start(self) -> "NodeAgent":
         self._thread.start()
@@ -140,7 +142,7 @@ class NodeAgent:
         patch = {"status": {
             "capacity": spec.capacity, "allocatable": spec.capacity,
             "conditions": conditions,
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+            "addresses": [{"type": "InternalIP", "address": self.node_ip},
                           {"type": "Hostname", "address": spec.name}],
             "nodeInfo": {"kubeletVersion": "v1.37.2", "kubeProxyVersion": "",
                          "operatingSystem": "linux", "architecture": "amd64",

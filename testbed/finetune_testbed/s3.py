@@ -49,17 +49,19 @@ def s3_client(endpoint: str, credentials: Mapping[str, str] = FAKE_CREDENTIALS) 
 
 
 @contextlib.contextmanager
-def moto_server(bucket: str = 'finetune-test', credentials: Mapping[str, str] = FAKE_CREDENTIALS) -> Iterator[S3Server]:
+def moto_server(bucket: str = 'finetune-test', credentials: Mapping[str, str] = FAKE_CREDENTIALS,
+                host: str = '127.0.0.1') -> Iterator[S3Server]:
     """A moto server on a thread of this process, `credentials` in os.environ while it runs
-    (restored after), and `bucket` created empty."""
+    (restored after), and `bucket` created empty. `host`: the address it listens on (the
+    pod network's gateway, for pods of the process kubelet)."""
     from moto.server import ThreadedMotoServer
 
     saved = {k: os.environ.get(k) for k in credentials}
     os.environ.update(credentials)
     port = free_port()
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
-    endpoint = f'http://127.0.0.1:{port}'
+    endpoint = f'http://{host}:{port}'
     try:
         client = s3_client(endpoint, credentials)
         client.create_bucket(Bucket=bucket)

@@ -12,10 +12,10 @@ from finetune_operator.settings import Settings
 from finetune_testbed.nodes import GPU_POOL
 
 
-def create_job_cluster(stack, ns: str, name: str, **changes) -> dict:
+def create_job_cluster(stack, ns: str, name: str, edit=None, **changes) -> dict:
     """A FineTuneJob (cases.BASE on the GPU pool, with `changes`) and the RayCluster the
     operator would create for it (its builder, adopted as reconcile.create_cluster does);
-    no operator runs."""
+    no operator runs. `edit(cluster)`, if given, changes the built RayCluster first."""
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     doc = make(**{"metadata": {"name": name, "namespace": ns},
                   "spec.resources.nodeSelector": {"finetune.dev/pool": GPU_POOL},
@@ -26,6 +26,8 @@ def create_job_cluster(stack, ns: str, name: str, **changes) -> dict:
     job = FineTuneJob.from_document(job_body)
     cluster = raycluster.build_raycluster(job, Settings())
     kopf.adopt(cluster, owner=job_body)
+    if edit:
+        edit(cluster)
     status, created = stack.request("POST", f"/apis/ray.io/v1/namespaces/{ns}/rayclusters",
                                     cluster)
     assert status == 201, created.get("message")
