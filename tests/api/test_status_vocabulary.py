@@ -31,7 +31,9 @@ OTHER_NAMES = {
     "Recreate", "RuntimeDefault",                           # Deployment strategy, seccomp
     "CamelCase",                                            # the word, in the CRD's text
     "HeadPodReady", "RayClusterProvisioned",                # KubeRay's RayCluster conditions
+    "RayClusterPodsProvisioning",                           # ... and one of their reasons
     "Unschedulable",                                        # the scheduler's PodScheduled reason
+    "CreateContainerConfigError", "ContainersNotReady",     # the kubelet's container reasons
 }
 
 
