@@ -6,8 +6,11 @@ line (`parse_event_line`). Every event carries `"event"`:
 
 - `started`:    {totalSteps, resumedFromStep, workers, strategy}
 - `progress`:   {step, totalSteps, epoch, loss, learningRate, tokensPerSecond, etaSeconds}
+- `tracking`:   {tensorboardUri, metricsUri, and with spec.tracking.mlflow: mlflowRunId,
+                mlflowExperimentId, mlflowRunUrl, mlflowRunCreated (false: a resumed attempt
+                logs to the lineage's run)}
 - `checkpoint`: {step, uri}
-- `completed`:  {step, loss, modelUri}
+- `completed`:  {step, loss, modelUri, lossCurveUri (when the PNG could be drawn)}
 - `failed`:     {reason, message}
 """
 
@@ -17,7 +20,7 @@ import json
 import time
 from typing import Any, Iterable
 
-EVENT_KINDS = ("started", "progress", "checkpoint", "completed", "failed")
+EVENT_KINDS = ("started", "progress", "tracking", "checkpoint", "completed", "failed")
 _MARKER = '{"event": '
 
 
