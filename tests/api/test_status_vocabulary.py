@@ -32,6 +32,7 @@ OTHER_NAMES = {
     "CamelCase",                                            # the word, in the CRD's text
     "HeadPodReady", "RayClusterProvisioned",                # KubeRay's RayCluster conditions
     "Unschedulable",                                        # the scheduler's PodScheduled reason
+    "TensorBoard",                                          # where the metrics go
 }
 
 
