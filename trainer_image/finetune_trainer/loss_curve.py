@@ -122,13 +122,14 @@ def draw(curve: Curve, title: str) -> bytes:
     fig = Figure(figsize=(9, 5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     shades = ("#f2f2f2", "#dfe8f5")
-    for i, a in enumerate(curve.attempts):
+    # Attempts are shaded only where there is more than one: resumes are what the eye should find.
+    for i, a in enumerate(curve.attempts if len(curve.attempts) > 1 else []):
         steps = sorted(a.steps)
         if not steps:
             continue
         lo, hi = a.resumed_from, steps[-1]
         label = "attempt 1" if i == 0 else f"attempt {i + 1}, resumed at step {a.resumed_from}"
-        ax.axvspan(lo, hi, color=shades[i % 2], zorder=0, label=label if len(curve.attempts) > 1 else None)
+        ax.axvspan(lo, hi, color=shades[i % 2], zorder=0, label=label)
         if i > 0:
             ax.axvline(lo, color="#555555", linestyle="--", linewidth=1, zorder=1)
     x, y = curve.series("loss")
