@@ -5,7 +5,8 @@ so the rules live in one place (the schema). The section classes (`Spec`, `Train
 `Resources`, ...) are made from the schema itself: each property is an attribute of the same
 name in snake_case (`spec.training.micro_batch_size`), each object with properties a nested
 section, and a property the schema gives no default reads as None ({} or [] for maps and
-lists), and an absent section with required fields of its own as None. Adding a spec field is then a change to `schema.py` and to the code that reads it.
+lists), as does an absent section with required fields of its own (spec.tracking.mlflow).
+Adding a spec field is then a change to `schema.py` and to the code that reads it.
 """
 
 from __future__ import annotations

@@ -273,8 +273,10 @@ MLFLOW = obj(
     "train/grad_norm) and the final model's URI as the tag finetune.modelUri; resumed "
     "attempts log to the same run, a --fresh run starts a new one.",
     {
-        "uri": string("The tracking server: http(s)://HOST[:PORT][/PATH].",
-                      pattern=r"^https?://[^\s/]+(/\S*)?$", maxLength=2048),
+        # No user:password@ in the URI: credentials go in the Secret (secretRef) only.
+        "uri": string("The tracking server: http(s)://HOST[:PORT][/PATH], without credentials "
+                      "(those go in secretRef's Secret).",
+                      pattern=r"^https?://[^\s/@]+(/\S*)?$", maxLength=2048),
         "experiment": string("The experiment the run goes in; created when it does not exist.",
                              minLength=1, maxLength=500),
         "secretRef": string("Name of a Secret in the job's namespace with "

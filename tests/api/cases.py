@@ -151,6 +151,9 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "mlflow-uri-not-http": (make(**{"spec.tracking.mlflow": {"uri": "mlflow.example.com:5000",
                                                              "experiment": "sft"}}),
                             "spec.tracking.mlflow.uri"),
+    "mlflow-credentials-in-uri": (make(**{"spec.tracking.mlflow": {
+        "uri": "https://user:secret@mlflow.example.com", "experiment": "sft"}}),
+        "spec.tracking.mlflow.uri"),
     "mlflow-no-experiment": (make(**{"spec.tracking.mlflow": {"uri": "http://mlflow:5000"}}),
                              "spec.tracking.mlflow.experiment"),
     "mlflow-empty-experiment": (make(**{"spec.tracking.mlflow": {"uri": "http://mlflow:5000",

@@ -2,8 +2,9 @@
 
 `train_func(config)` is what the TorchTrainer runs; it drives a `Trainer` through its named
 steps: setup (data, plan, strategy and model), restore (automatic resume), then train_step /
-after_step until the plan's last step (progress, the metrics, maybe_checkpoint, the test hook), and finish (the final model).
-Metrics leave the loop at one place, `log_metrics`, for rank 0's sinks (metrics.py).
+after_step until the plan's last step (progress, the metrics, maybe_checkpoint, the test hook),
+and finish (the final model). Metrics leave the loop at one place, `log_metrics`, for rank 0's
+sinks (metrics.py).
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class Trainer:
             self.metrics.log(self.state.step, values)
 
     def close_metrics(self, model_uri: str | None) -> None:
+        """Rank 0: the attempt's metrics saved and its MLflow run ended (FINISHED with the final
+        model's URI, FAILED without)."""
         metrics, self.metrics = self.metrics, None
         if metrics is None:
             return
