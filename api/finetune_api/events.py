@@ -30,6 +30,14 @@ EVENTS: dict[str, dict[str, str]] = {
         "tokensPerSecond": "tokens trained per second since the last progress event",
         "etaSeconds": "estimated seconds to the last step",
     },
+    "tracking": {
+        "tensorboardUri": "the run's TensorBoard event files",
+        "metricsUri": "the run's metrics log (JSONL, one file per attempt; `finetune plot` reads it)",
+        "mlflowRunId": "with spec.tracking.mlflow: the MLflow run",
+        "mlflowExperimentId": "with spec.tracking.mlflow: its experiment",
+        "mlflowRunUrl": "with spec.tracking.mlflow: the run's page on the tracking server",
+        "mlflowRunCreated": "false: a resumed attempt logs to the run of the attempts before it",
+    },
     "checkpoint": {
         "step": "the step it holds",
         "uri": "where it is; printed once every worker's part is uploaded and Ray Train "
@@ -39,6 +47,7 @@ EVENTS: dict[str, dict[str, str]] = {
         "step": "the last step",
         "loss": "its loss",
         "modelUri": "the final model (Hugging Face format)",
+        "lossCurveUri": "the loss-curve PNG, when it could be drawn",
     },
     "failed": {
         "reason": "a reason of the status vocabulary (`TrainingFailed`, `InvalidJob`, "

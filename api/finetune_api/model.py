@@ -5,7 +5,8 @@ so the rules live in one place (the schema). The section classes (`Spec`, `Train
 `Resources`, ...) are made from the schema itself: each property is an attribute of the same
 name in snake_case (`spec.training.micro_batch_size`), each object with properties a nested
 section, and a property the schema gives no default reads as None ({} or [] for maps and
-lists). Adding a spec field is then a change to `schema.py` and to the code that reads it.
+lists), as does an absent section with required fields of its own (spec.tracking.mlflow).
+Adding a spec field is then a change to `schema.py` and to the code that reads it.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def _section(class_name: str, node: schema.Schema,
         name = _snake(key)
         if _is_section(prop):
             kind = _section(key[:1].upper() + key[1:], prop, methods)
-            default: Any = dataclasses.field(default_factory=functools.partial(kind.from_dict, {}))
+            # A section with required fields of its own (spec.tracking.mlflow) has no empty
+            # form: absent, it reads as None.
+            default: Any = None if prop.get("required") else \
+                dataclasses.field(default_factory=functools.partial(kind.from_dict, {}))
         else:
             kind = Any
             value = prop.get("default", {"object": {}, "array": []}.get(prop.get("type")))

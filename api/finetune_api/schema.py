@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .status import ConditionType, Phase, S3Secret
+from .status import ConditionType, MlflowSecret, Phase, S3Secret
 
 Schema = dict[str, Any]
 
@@ -265,6 +265,37 @@ S3 = obj(
     default={},
 )
 
+# --- tracking (metrics beyond the TensorBoard files every run writes) ---------------------
+
+MLFLOW = obj(
+    "An MLflow tracking server. The job's run there holds the spec as params, the training "
+    "metrics per step (train/loss, eval/loss, train/learning_rate, train/tokens_per_second, "
+    "train/grad_norm) and the final model's URI as the tag finetune.modelUri; resumed "
+    "attempts log to the same run, a --fresh run starts a new one.",
+    {
+        # No user:password@ in the URI: credentials go in the Secret (secretRef) only.
+        "uri": string("The tracking server: http(s)://HOST[:PORT][/PATH], without credentials "
+                      "(those go in secretRef's Secret).",
+                      pattern=r"^https?://[^\s/@]+(/\S*)?$", maxLength=2048),
+        "experiment": string("The experiment the run goes in; created when it does not exist.",
+                             minLength=1, maxLength=500),
+        "secretRef": string("Name of a Secret in the job's namespace with "
+                            f"{' and '.join(MlflowSecret.OPTIONAL[:2])}, or "
+                            f"{MlflowSecret.OPTIONAL[2]}, for a server that asks for them; "
+                            "empty for one that does not.",
+                            pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", maxLength=253),
+    },
+    required=("uri", "experiment"),
+)
+
+TRACKING = obj(
+    "Where the training metrics go besides the TensorBoard event files and the metrics log "
+    "every run writes next to its checkpoints (<checkpoint.uri>/<job name>/tensorboard and "
+    "/metrics).",
+    {"mlflow": MLFLOW},
+    default={},
+)
+
 RUN_POLICY = obj(
     "Retries, deadlines, suspension and clean-up.",
     {
@@ -293,6 +324,7 @@ SPEC = obj(
         "resources": RESOURCES,
         "checkpoint": CHECKPOINT,
         "s3": S3,
+        "tracking": TRACKING,
         "runPolicy": RUN_POLICY,
     },
     required=("model", "dataset", "checkpoint"),
@@ -342,6 +374,7 @@ STATUS = obj(
             "learningRate": number("Current learning rate."),
             "tokensPerSecond": number("Training throughput over all workers."),
             "etaSeconds": integer("Estimated seconds to the end."),
+            "eta": string("etaSeconds for people (1h02m, 3m05s, 40s)."),
             "updatedAt": string("When the trainer reported this.", format="date-time"),
         }),
         "checkpoint": obj("The latest complete checkpoint.", {
@@ -350,6 +383,13 @@ STATUS = obj(
         }),
         "output": obj("What the job produced.", {
             "modelUri": string("The consolidated Hugging Face model."),
+            "lossCurveUri": string("The loss curve, a PNG next to the checkpoints."),
+        }),
+        "tracking": obj("Where the run's metrics are.", {
+            "tensorboardUri": string("The TensorBoard event files (tensorboard --logdir)."),
+            "metricsUri": string("The metrics log, one JSONL file per attempt."),
+            "mlflowRunId": string("The MLflow run (with spec.tracking.mlflow)."),
+            "mlflowRunUrl": string("The MLflow run in the tracking server's UI."),
         }),
         "retries": integer("Failed attempts retried so far."),
         "rayCluster": string("Name of the RayCluster running the job."),
@@ -373,6 +413,8 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
      "description": "Percent of the planned optimizer steps done."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta",
+     "description": "Estimated time to the end of training."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

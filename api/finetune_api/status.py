@@ -102,6 +102,8 @@ class Reason(Vocabulary):
     INVALID_SPEC = "InvalidSpec", (
         "The API server admitted a spec the operator refuses (e.g. under an older CRD).")
     TTL_EXPIRED = "TTLExpired", "runPolicy.ttlSecondsAfterFinished passed: the job is deleted."
+    METRICS_TRACKING = "MetricsTracking", (
+        "Where the run's metrics go: TensorBoard files, and the MLflow run created or continued.")
     # The reasons of the trainer's `failed` event; the last two also end the job (see Exit).
     TRAINING_FAILED = "TrainingFailed", "The trainer failed while training (retried)."
     INVALID_JOB = "InvalidJob", "The trainer refused the job document; not retried."
@@ -158,3 +160,13 @@ class S3Secret:
     SESSION_TOKEN = "AWS_SESSION_TOKEN"
     REQUIRED = (ACCESS_KEY_ID, SECRET_ACCESS_KEY)
     OPTIONAL = (SESSION_TOKEN,)
+
+
+class MlflowSecret:
+    """Keys of the Secret named by spec.tracking.mlflow.secretRef; the trainer's pods get them
+    as environment variables of the same names (MLflow's own). Each is optional: a server
+    takes a user name and password, or a token."""
+    USERNAME = "MLFLOW_TRACKING_USERNAME"
+    PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+    TOKEN = "MLFLOW_TRACKING_TOKEN"
+    OPTIONAL = (USERNAME, PASSWORD, TOKEN)

@@ -28,6 +28,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return cmd_render(args)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import cmd_plot
+
+    return cmd_plot(args)
+
+
 def _run_operator(argv: Sequence[str]) -> int:
     from finetune_operator.main import run
     from finetune_operator.settings import Settings
@@ -107,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the directories' subdirectories too")
     p.add_argument("--image", help="trainer image when the job names none")
     p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("plot", help="draw a run's loss curve (PNG) next to its checkpoints")
+    p.add_argument("run", metavar="RUN_DIR|URI",
+                   help="the run's folder, <checkpoint.uri>/<job name>: a path, file://PATH or "
+                        "s3://BUCKET/PREFIX/JOB")
+    p.add_argument("-o", "--output", metavar="PNG", help="write the PNG here instead (path or URI)")
+    p.add_argument("--title", help="the chart's title (default: the job's name)")
+    p.set_defaults(func=_cmd_plot)
 
     # `finetune operator ...` hands its flags to the operator's own parser (see main()); this
     # entry is for --help.

@@ -13,7 +13,7 @@ import copy
 from typing import Any
 
 from finetune_api.model import FineTuneJob
-from finetune_api.status import S3Secret
+from finetune_api.status import MlflowSecret, S3Secret
 
 from .settings import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL, Settings
 
@@ -92,6 +92,18 @@ def s3_env(job: FineTuneJob) -> list[dict[str, Any]]:
     return env
 
 
+def tracking_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """MLflow credentials for the trainer (rank 0 logs the metrics, the driver checks the
+    server): by reference to spec.tracking.mlflow.secretRef's keys, never values. Every key is
+    optional, as a server takes a user name and password or a token."""
+    mlflow = job.spec.tracking.mlflow
+    if mlflow is None or not mlflow.secret_ref:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.secret_ref, "key": key,
+                                                         "optional": True}}}
+            for key in MlflowSecret.OPTIONAL]
+
+
 def _tolerations(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
     res = job.spec.resources
     # The job's own tolerations, or the operator's default node pool's when it has none.
@@ -136,7 +148,7 @@ def build_raycluster(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     res = job.spec.resources
     image = image_for(job, settings)
     labels = job_labels(job)
-    env = s3_env(job)
+    env = s3_env(job) + tracking_env(job)
 
     head_pod = {
         "metadata": {"labels": dict(labels)},

@@ -450,6 +450,8 @@ class Reconciler:
         for event in decision.events:
             self.events.record(body, type=event.type, reason=event.reason,
                                message=event.message)
+        for type_, reason, message in world.tracked.events:
+            self.events.record(body, type=type_, reason=reason, message=message)
 
     # --- kopf's entry points (main.py wires one handler to each) -----------------------
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from finetune_api.events import parse_event_line
+from finetune_api.status import Reason
 
 # status.logTail is for a glance in `kubectl describe`; the full log is stored elsewhere.
 LOG_TAIL_MAX_CHARS = 4000
@@ -48,7 +49,10 @@ class Tracked:
     progress: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
     output: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
     failure: str = ""
+    # Kubernetes Events the trainer's events call for: (type, reason, message).
+    events: list[tuple[str, str, str]] = field(default_factory=list)
 
     def as_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -58,6 +62,8 @@ class Tracked:
             out["checkpoint"] = self.checkpoint
         if self.output:
             out["output"] = self.output
+        if self.tracking:
+            out["tracking"] = self.tracking
         return out
 
 
@@ -82,6 +88,33 @@ def _num(value: Any) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def human_eta(seconds: int) -> str:
+    """1h02m, 3m05s, 40s: status.progress.eta, the ETA column of `kubectl get ftj`."""
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# The `tracking` event's fields that status.tracking keeps.
+TRACKING_FIELDS = ("tensorboardUri", "metricsUri", "mlflowRunId", "mlflowRunUrl")
+
+
+def _tracking_event(e: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """status.tracking from a `tracking` event, and the Event's message naming the places."""
+    where = {k: e[k] for k in TRACKING_FIELDS if isinstance(e.get(k), str) and e[k]}
+    parts = [f"TensorBoard: {where['tensorboardUri']}"] if "tensorboardUri" in where else []
+    if "mlflowRunId" in where:
+        verb = "created" if e.get("mlflowRunCreated") else "continued"
+        parts.append(f"MLflow run {where['mlflowRunId']} {verb}"
+                     + (f": {where['mlflowRunUrl']}" if "mlflowRunUrl" in where else ""))
+    return where, "; ".join(parts)
+
+
 def apply_events(events: list[dict[str, Any]],
                  current: dict[str, Any] | None = None) -> Tracked:
     """Fold events into status.progress/checkpoint/output, starting from the current status."""
@@ -89,8 +122,10 @@ def apply_events(events: list[dict[str, Any]],
     progress = dict(current.get("progress") or {})
     checkpoint = dict(current.get("checkpoint") or {})
     output = dict(current.get("output") or {})
+    where = dict(current.get("tracking") or {})
     failure = ""
-    changed = {"progress": False, "checkpoint": False, "output": False}
+    changed = {"progress": False, "checkpoint": False, "output": False, "tracking": False}
+    recorded: list[tuple[str, str, str]] = []
     for e in events:
         kind = e["event"]
         if kind == "started":
@@ -122,6 +157,7 @@ def apply_events(events: list[dict[str, Any]],
             eta = _num(e.get("etaSeconds"))
             if eta is not None:
                 progress["etaSeconds"] = int(round(eta))
+                progress["eta"] = human_eta(progress["etaSeconds"])
             progress["updatedAt"] = _time(e)
             changed["progress"] = True
         elif kind == "checkpoint":
@@ -135,20 +171,31 @@ def apply_events(events: list[dict[str, Any]],
                 progress.setdefault("totalSteps", step)
             progress["percent"] = 100
             progress["etaSeconds"] = 0
+            progress["eta"] = human_eta(0)
             loss = _num(e.get("loss"))
             if loss is not None:
                 progress["loss"] = loss
             progress["updatedAt"] = _time(e)
             changed["progress"] = True
-            if isinstance(e.get("modelUri"), str):
-                output["modelUri"] = e["modelUri"]
-                changed["output"] = True
+            for key in ("modelUri", "lossCurveUri"):
+                if isinstance(e.get(key), str):
+                    output[key] = e[key]
+                    changed["output"] = True
+        elif kind == "tracking":
+            new, message = _tracking_event(e)
+            # An Event only when the places change (a new MLflow run, a new job): an
+            # operator that restarts reads the log again from the top.
+            if new and new != where:
+                where = new
+                changed["tracking"] = True
+                recorded.append(("Normal", Reason.METRICS_TRACKING, message))
         elif kind == "failed":
             failure = f"{e.get('reason', 'Failed')}: {e.get('message', '')}".strip()
     return Tracked(progress=progress if changed["progress"] else {},
                    checkpoint=checkpoint if changed["checkpoint"] else {},
                    output=output if changed["output"] else {},
-                   failure=failure)
+                   tracking=where if changed["tracking"] else {},
+                   failure=failure, events=recorded)
 
 
 def log_tail(log: str, lines: int = 30) -> str:

@@ -6,6 +6,8 @@
 - `kuberay`: the KubeRay stand-in: RayClusters in `kube` become ready and point at `ray_head`.
 - `s3_server`: a moto S3 server for the session, fake credentials in the environment, bucket
   `finetune-test` (`finetune_testbed.s3.S3Server`).
+- `mlflow_server`: a real MLflow tracking server on loopback for the session, sqlite in a
+  temporary folder (`finetune_testbed.mlflow_server.MlflowServer`: `.uri`, `.client()`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 if TYPE_CHECKING:
     from .kube import Kube
     from .kuberay_standin import KubeRayStandIn
+    from .mlflow_server import MlflowServer
     from .ray_head import RayHead
     from .s3 import S3Server
 
@@ -57,4 +60,12 @@ def s3_server() -> Iterator[S3Server]:
     from .s3 import moto_server
 
     with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope='session')
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    from .mlflow_server import mlflow_server as start
+
+    with start(tmp_path_factory.mktemp('mlflow')) as server:
         yield server

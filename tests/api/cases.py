@@ -71,6 +71,9 @@ GOOD: dict[str, dict[str, Any]] = {
                              {"key": "nvidia.com/gpu", "operator": "Exists",
                               "effect": "NoSchedule"}],
                          "spec.resources.memoryPerWorker": "64Gi"}),
+    "mlflow-tracking": make(**{"spec.tracking.mlflow": {
+        "uri": "https://mlflow.example.com/tracking", "experiment": "llama2-sft",
+        "secretRef": "mlflow-credentials"}}),
     "minimal": {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
                 "metadata": {"name": "minimal"},
                 "spec": {"model": {"uri": "hf://gpt2"}, "dataset": {"uri": "s3://d/x.jsonl"},
@@ -145,6 +148,17 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "typo-field": (make(**{"spec.training.learningrate": 0.1}), "spec.training.learningrate"),
     "max-seq-too-small": (make(**{"spec.dataset.maxSeqLength": 4}),
                           "spec.dataset.maxSeqLength"),
+    "mlflow-uri-not-http": (make(**{"spec.tracking.mlflow": {"uri": "mlflow.example.com:5000",
+                                                             "experiment": "sft"}}),
+                            "spec.tracking.mlflow.uri"),
+    "mlflow-credentials-in-uri": (make(**{"spec.tracking.mlflow": {
+        "uri": "https://user:secret@mlflow.example.com", "experiment": "sft"}}),
+        "spec.tracking.mlflow.uri"),
+    "mlflow-no-experiment": (make(**{"spec.tracking.mlflow": {"uri": "http://mlflow:5000"}}),
+                             "spec.tracking.mlflow.experiment"),
+    "mlflow-empty-experiment": (make(**{"spec.tracking.mlflow": {"uri": "http://mlflow:5000",
+                                                                 "experiment": ""}}),
+                                "spec.tracking.mlflow.experiment"),
 }
 BAD.update({
     # Names the RayCluster could not carry: refused at admission by the CRD's root CEL rules.

@@ -34,6 +34,7 @@ OTHER_NAMES = {
     "RayClusterPodsProvisioning",                           # ... and one of their reasons
     "Unschedulable",                                        # the scheduler's PodScheduled reason
     "CreateContainerConfigError", "ContainersNotReady",     # the kubelet's container reasons
+    "TensorBoard",                                          # where the metrics go
 }
 
 

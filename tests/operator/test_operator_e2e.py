@@ -161,12 +161,13 @@ def test_bad_input_fails_without_retry_and_keeps_the_log(s3_server, tiny_assets,
 
 
 def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, start_operator,
-                               s3_secret, tiny_job):
+                               s3_secret, tiny_job, mlflow_server):
     """(1) apply -> RayCluster on the requested node pool -> real run -> Succeeded, 100 %,
-    checkpoint and final model in S3, RayCluster deleted."""
+    checkpoint and final model in S3, RayCluster deleted; status and an Event name where the
+    metrics are (TensorBoard, the MLflow run on a real server), `kubectl get` shows the ETA."""
     name = "happy"
     s3_secret()
-    doc = tiny_job(name)
+    doc = tiny_job(name, tracking={"mlflow": {"uri": mlflow_server.uri, "experiment": "operator-e2e"}})
     op = start_operator(liveness_port=free_port())
     assert "jobs" in wait_until(lambda: healthz(op.settings.liveness_port), 20,
                                 what="the liveness endpoint")
@@ -194,14 +195,27 @@ def test_apply_runs_to_success(s3_server, tiny_assets, kube, kuberay, ray_head, 
     assert st.get("retries", 0) == 0 and st["startTime"] and st["completionTime"]
     assert condition(st, "Succeeded")["status"] == "True"
     assert st["observedGeneration"] == 1
+    assert st["progress"]["eta"] == "0s"
+    assert st["output"]["lossCurveUri"] == f"{ckpt_run}/loss-curve.png"
+    assert s3_keys(s3_server, st["output"]["lossCurveUri"])
+    tracked = st["tracking"]
+    assert tracked["tensorboardUri"] == f"{ckpt_run}/tensorboard" and s3_keys(s3_server, tracked["tensorboardUri"])
+    mlflow_run = mlflow_server.client().get_run(tracked["mlflowRunId"])
+    assert mlflow_run.data.tags["finetune.modelUri"] == st["output"]["modelUri"]
+    assert tracked["mlflowRunUrl"].startswith(mlflow_server.uri) and tracked["mlflowRunId"] in tracked["mlflowRunUrl"]
+    table = kube.kubectl("get", "ftj", name, "-n", NAMESPACE).stdout.splitlines()
+    assert table[0].split()[-2:] == ["ETA", "AGE"] and table[1].split()[-2] == "0s", table
 
     wait_until(lambda: kube.get_or_none(*RC, name, NAMESPACE) is None, 30,
                what="the RayCluster to be deleted (cleanupPolicy DeleteCluster)")
     assert len(ray_jobs(ray_head, name)) == 1
     events = events_of(kube, name)
     reasons = [e["reason"] for e in events]
-    for reason in ("ClusterCreating", "JobRunning", "Succeeded"):
+    for reason in ("ClusterCreating", "JobRunning", "MetricsTracking", "Succeeded"):
         assert reason in reasons, reasons
+    (tracking_event,) = [e for e in events if e["reason"] == "MetricsTracking"]
+    assert tracked["tensorboardUri"] in tracking_event["message"]
+    assert f"MLflow run {tracked['mlflowRunId']} created" in tracking_event["message"]
     # JobSubmitted too, unless Ray said RUNNING already when asked right after the submit
     # (then JobRunning says it); both name the Ray job.
     for e in events:

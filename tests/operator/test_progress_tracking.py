@@ -80,3 +80,34 @@ def test_log_tail_keeps_the_last_lines_and_is_bounded():
     tail = log_tail(log, 30)
     assert tail.splitlines()[0] == "line 70" and tail.splitlines()[-1] == "line 99"
     assert len(log_tail("x" * 10000 + "\n", 30)) <= 4000
+
+
+def test_eta_for_people_and_the_loss_curve_in_output():
+    events = LogCursor("x").feed(log_of(
+        format_event("progress", step=1, totalSteps=40, loss=3.0, etaSeconds=3725),
+        format_event("progress", step=2, totalSteps=40, loss=2.9, etaSeconds=185.4),
+    ))
+    assert apply_events(events[:1]).progress["eta"] == "1h02m"
+    assert apply_events(events).progress["eta"] == "3m05s"
+    done = apply_events(LogCursor("x").feed(log_of(format_event(
+        "completed", step=40, loss=0.9, modelUri="s3://b/r/j/final", lossCurveUri="s3://b/r/j/loss-curve.png"))))
+    assert done.progress["eta"] == "0s" and done.progress["etaSeconds"] == 0
+    assert done.output == {"modelUri": "s3://b/r/j/final", "lossCurveUri": "s3://b/r/j/loss-curve.png"}
+
+
+def test_tracking_event_names_the_places_in_status_and_one_event():
+    line = format_event("tracking", tensorboardUri="s3://b/r/j/tensorboard", metricsUri="s3://b/r/j/metrics",
+                        mlflowRunId="abc123", mlflowExperimentId="7", mlflowRunCreated=True,
+                        mlflowRunUrl="https://mlflow.example/#/experiments/7/runs/abc123")
+    tracked = apply_events(LogCursor("x").feed(log_of(PREFIX + line)))
+    assert tracked.as_status()["tracking"] == {
+        "tensorboardUri": "s3://b/r/j/tensorboard", "metricsUri": "s3://b/r/j/metrics", "mlflowRunId": "abc123",
+        "mlflowRunUrl": "https://mlflow.example/#/experiments/7/runs/abc123"}
+    ((kind, reason, message),) = tracked.events
+    assert (kind, reason) == ("Normal", "MetricsTracking")
+    assert message == ("TensorBoard: s3://b/r/j/tensorboard; MLflow run abc123 created: "
+                       "https://mlflow.example/#/experiments/7/runs/abc123")
+    # The same places again (an operator restarted, reading the log from the top; a resumed
+    # attempt of the same MLflow run): no new Event, no status change.
+    again = apply_events(LogCursor("x").feed(log_of(line)), tracked.as_status())
+    assert again.events == [] and "tracking" not in again.as_status()

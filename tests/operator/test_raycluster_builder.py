@@ -286,3 +286,18 @@ def test_structural_check_catches_unknown_fields(kuberay_schema):
     schema = _structural(kuberay_schema)
     schema["properties"]["metadata"] = {"type": "object"}
     assert list(jsonschema.Draft7Validator(schema).iter_errors(cluster))
+
+
+def test_mlflow_credentials_are_optional_secret_references_on_every_pod():
+    tracked = job(**{"spec.tracking": {"mlflow": {"uri": "https://mlflow.example", "experiment": "sft",
+                                                  "secretRef": "mlflow-credentials"}}})
+    cluster = build_raycluster(tracked, SETTINGS)
+    for pod in (cluster["spec"]["headGroupSpec"]["template"], workers(cluster)["template"]):
+        env = {e["name"]: e for e in container(pod["spec"])["env"]}
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {
+                "name": "mlflow-credentials", "key": key, "optional": True}}}
+    # The server's address travels in the job document, not as a credential.
+    assert "mlflow.example" not in json.dumps(container(workers(cluster)["template"]["spec"])["env"])
+    names = [e["name"] for e in container(workers(build_raycluster(job(), SETTINGS))["template"]["spec"])["env"]]
+    assert not [n for n in names if n.startswith("MLFLOW_")]

@@ -112,3 +112,14 @@ def test_invalid_job_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     _assert_one_clear_line(proc.stderr, "spec.model.uri")
+
+
+def test_unreachable_mlflow_server_exits_3_naming_the_field(make_job, capsys):
+    from finetune_testbed.ports import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    doc = make_job("no-mlflow", {"tracking": {"mlflow": {"uri": uri, "experiment": "sft"}}})
+    code, out, err = _run_in_process(doc, capsys)
+    assert code == 3
+    _assert_one_clear_line(err, "spec.tracking.mlflow.uri", uri, "did not answer")
+    assert '"reason": "BadInput"' in out

@@ -47,6 +47,7 @@ class TrainerState:
     tokens_seen: int = 0
     loss: float | None = None
     rng: dict = field(default_factory=dict)
+    tracking: dict = field(default_factory=dict)  # rank 0's: the lineage's MLflow run (metrics.py)
 
 
 def capture_rng() -> dict:

@@ -84,6 +84,8 @@ def preflight(job: FineTuneJob) -> Location:
     data = resolve(spec.dataset.uri, settings)
     check_bucket(data)
     check_dataset(data, spec.dataset.format, spec.dataset.text_field)
+    if spec.tracking.mlflow is not None:
+        check_mlflow(spec.tracking.mlflow)
     if spec.training.precision == "fp16" and spec.resources.gpus_per_worker == 0:
         raise BadInputError("precision fp16 needs GPUs (DeepSpeed and FSDP have no fp16 on CPU); use bf16 or fp32")
     if ckpt.scheme == "file":
@@ -92,6 +94,34 @@ def preflight(job: FineTuneJob) -> Location:
         except OSError as exc:
             raise BadInputError(f"cannot create checkpoint directory {ckpt.path}: {exc.strerror}") from None
     return ckpt
+
+
+# The preflight's question to the tracking server: MLflow's client would otherwise retry a
+# refused connection 7 times with back-off (minutes) before saying anything.
+MLFLOW_PREFLIGHT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def check_mlflow(mlflow_spec) -> None:
+    """The tracking server answers (with the credentials in the environment, if any)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in MLFLOW_PREFLIGHT_ENV}
+    os.environ.update(MLFLOW_PREFLIGHT_ENV)
+    try:
+        MlflowClient(tracking_uri=mlflow_spec.uri).get_experiment_by_name(mlflow_spec.experiment)
+    except (MlflowException, OSError) as exc:
+        text = " ".join(str(exc).split())
+        hint = ("; check spec.tracking.mlflow.secretRef's keys" if any(c in text for c in ("401", "403"))
+                else "")
+        raise BadInputError(f"spec.tracking.mlflow.uri: the MLflow tracking server {mlflow_spec.uri} did not "
+                            f"answer: {text[:300]}{hint}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _init_ray() -> None:
@@ -317,9 +347,11 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
     stopping.fit_done()
     _drain_logs()
     metrics = result.metrics or {}
-    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri)
+    curve = draw_loss_curve(job)
+    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri,
+         **({"lossCurveUri": curve} if curve else {}))
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
-          f"final model: {job.final_model_uri}", flush=True)
+          f"final model: {job.final_model_uri}" + (f" ; loss curve: {curve}" if curve else ""), flush=True)
     return EXIT_OK
 
 
@@ -343,6 +375,16 @@ def _trainer_class(base, own_ray: bool):
 
     OneMachineTrainer.__name__ = OneMachineTrainer.__qualname__ = base.__name__
     return OneMachineTrainer
+def draw_loss_curve(job: FineTuneJob) -> str | None:
+    """The run's loss curve PNG next to its checkpoints; its URI, or None (said) when it could
+    not be drawn: the model is there, a missing picture must not fail the run."""
+    from .loss_curve import render
+
+    try:
+        return render(resolve(job.checkpoint_run_uri, S3Settings.from_spec(job.spec.s3)), f"{job.name}: loss")
+    except Exception as exc:
+        print(f"finetune-train: warning: no loss curve: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return None
 
 
 def _drain_logs() -> None:

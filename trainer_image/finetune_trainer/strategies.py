@@ -9,6 +9,7 @@ The life of a strategy, as the training loop drives it:
   strategy = create(job, device)                  # reads its own spec section
   strategy.prepare(model_path, total_steps)       # model_prep.prepare_model, wrap, optimizer
   loss = strategy.forward_backward(ids, boundary)  # per micro-batch; steps at the boundary
+  strategy.grad_norm()                            # the last step's, for the metrics
   strategy.save_checkpoint(dir, tag) / load_checkpoint(dir, tag)   # this rank's shard
   strategy.final_state_dict()                     # collective: the whole model on rank 0
 """
@@ -56,6 +57,11 @@ class Strategy(ABC):
     @abstractmethod
     def learning_rate(self) -> float:
         """The learning rate of the next optimizer step."""
+
+    def grad_norm(self) -> float | None:
+        """The global L2 norm of the gradients of the last optimizer step, before clipping
+        (a metric, `train/grad_norm`); None where the strategy cannot tell."""
+        return None
 
     @abstractmethod
     def save_checkpoint(self, directory: str, tag: str) -> None:

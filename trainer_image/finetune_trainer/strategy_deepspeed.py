@@ -104,6 +104,11 @@ class DeepSpeedStrategy(Strategy):
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def grad_norm(self) -> float | None:
+        # DeepSpeed keeps the norm it computed (for clipping and overflow checks) at the step.
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
     def save_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.save_checkpoint(directory, tag=tag, save_latest=True)
 

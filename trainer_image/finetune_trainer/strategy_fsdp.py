@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -106,8 +107,9 @@ class FSDPStrategy(Strategy):
         if boundary:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            if self.training.max_grad_norm > 0:
-                self.model.clip_grad_norm_(self.training.max_grad_norm)
+            # With clipping off, an infinite bound still measures the norm (for the metrics)
+            # and scales nothing.
+            self._grad_norm = float(self.model.clip_grad_norm_(self.training.max_grad_norm or math.inf))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -116,6 +118,9 @@ class FSDPStrategy(Strategy):
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return float(out.loss.detach().float())
+
+    def grad_norm(self) -> float | None:
+        return getattr(self, "_grad_norm", None)
 
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -2,8 +2,9 @@
 
 `train_func(config)` is what the TorchTrainer runs; it drives a `Trainer` through its named
 steps: setup (data, plan, strategy and model), restore (automatic resume), then train_step /
-after_step until the plan's last step (progress, maybe_checkpoint, the test hook), and finish
-(the final model).
+after_step until the plan's last step (progress, the metrics, maybe_checkpoint, the test hook),
+and finish (the final model). Metrics leave the loop at one place, `log_metrics`, for rank 0's
+sinks (metrics.py).
 """
 
 from __future__ import annotations
@@ -72,15 +73,21 @@ class Trainer:
         self.state = TrainerState()
         self.resumed_from: int | None = None
         self.loss = float("nan")
+        self.metrics = None  # rank 0's metrics.Metrics, from start()
+        self.step_seconds = 0.0
         self._epoch_batches: tuple[int, list] | None = None  # (epoch, its micro-batches)
 
     def run(self) -> None:
-        self.setup()
-        self.restore()
-        self.start()
-        while self.state.step < self.plan.total_steps:
-            self.after_step(self.train_step())
-        self.finish()
+        try:
+            self.setup()
+            self.restore()
+            self.start()
+            while self.state.step < self.plan.total_steps:
+                self.after_step(self.train_step())
+            self.finish()
+        except BaseException:
+            self.close_metrics(model_uri=None)
+            raise
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -132,6 +139,7 @@ class Trainer:
         if self.rank == 0:
             emit("started", totalSteps=self.plan.total_steps, resumedFromStep=self.resumed_from or 0,
                  workers=self.world, strategy=spec.strategy.type)
+            self.start_metrics()
         self.reporter = ProgressReporter(self.plan.total_steps, self.state.step, self.tokens_per_step)
         # s3://: every rank uploads its own part with boto3 (checkpointing.s3_upload_fn); other
         # schemes keep Ray Train's own copy.
@@ -141,6 +149,36 @@ class Trainer:
         self.sync_upload = self.upload_mode == ray.train.CheckpointUploadMode.SYNC
         fault_after = os.environ.get(FAULT_HOOK_ENV)
         self.fault_after = int(fault_after) if fault_after and self.resumed_from is None else None
+
+    def start_metrics(self) -> None:
+        """Rank 0: the metrics sinks of this attempt, continuing the restored lineage's MLflow
+        run, and the `tracking` event naming where the metrics are."""
+        from .metrics import Metrics
+        from .storage import resolve
+
+        self.metrics = Metrics(self.job, resolve(self.job.checkpoint_run_uri, self.settings), self.attempt,
+                               self.state.step, self.plan.total_steps, self.state.tracking)
+        emit("tracking", **self.metrics.describe())
+
+    def log_metrics(self, values: dict) -> None:
+        """The one place metrics leave the loop (snake_case keys, plain numbers; an eval loss
+        as `eval_loss`): rank 0 hands them to every sink at the current step."""
+        if self.metrics is not None:
+            self.metrics.log(self.state.step, values)
+
+    def close_metrics(self, model_uri: str | None) -> None:
+        """Rank 0: the attempt's metrics saved and its MLflow run ended (FINISHED with the final
+        model's URI, FAILED without)."""
+        metrics, self.metrics = self.metrics, None
+        if metrics is None:
+            return
+        if model_uri is not None:
+            metrics.close(model_uri)
+            return
+        try:  # on the way out of a failed attempt: keep what it logged, without masking the error
+            metrics.close(None)
+        except Exception as exc:
+            say(f"finetune-train: warning: the failed attempt's metrics were not all saved: {exc}")
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -156,6 +194,7 @@ class Trainer:
         """One optimizer step: the next `gradientAccumulationSteps` micro-batches from the data
         position in the state, which it advances. Returns the loss averaged over every rank."""
         state = self.state
+        began = time.monotonic()
         # Steps never straddle epochs: an epoch is a whole number of steps' micro-batches.
         batches = self._batches_of(state.epoch)
         micro_losses: list[float] = []
@@ -167,7 +206,9 @@ class Trainer:
         state.batch += self.gas
         if state.batch == self.batches_per_epoch:
             state.epoch, state.batch = state.epoch + 1, 0
-        return _all_reduce([sum(micro_losses) / len(micro_losses)], self.device)[0] / self.world
+        loss = _all_reduce([sum(micro_losses) / len(micro_losses)], self.device)[0] / self.world
+        self.step_seconds = time.monotonic() - began
+        return loss
 
     def after_step(self, loss: float) -> None:
         state = self.state
@@ -175,9 +216,12 @@ class Trainer:
         if self.announcer is not None:
             self.announcer.poll()  # ASYNC checkpoints registered since the last step
         if self.rank == 0:
+            lr = self.strategy.learning_rate()
             # Checkpoint steps are always printed: a resumed run can be compared there.
             self.reporter.step(state.step, state.epoch if state.batch else state.epoch - 1, loss,
-                               self.strategy.learning_rate(), force=state.step % self.spec.checkpoint.every_steps == 0)
+                               lr, force=state.step % self.spec.checkpoint.every_steps == 0)
+            self.log_metrics({"loss": loss, "learning_rate": lr, "grad_norm": self.strategy.grad_norm(),
+                              "tokens_per_second": self.tokens_per_step / max(self.step_seconds, 1e-9)})
         self.maybe_checkpoint()
         self.maybe_inject_fault()
 
@@ -196,9 +240,13 @@ class Trainer:
             announcer.flush(FINAL_UPLOADS_TIMEOUT_S)
         state.rng = checkpointing.capture_rng()
         state.loss = self.loss
+        if self.metrics is not None:
+            state.tracking = self.metrics.state()
         dir_name = f"checkpoint_step{state.step:08d}_{self.attempt}"
         checkpointing.save(self.strategy, state, self.rank, self.world, {"step": state.step, "loss": self.loss},
                            dir_name, self.upload_mode, self.upload_fn)
+        if self.metrics is not None:
+            self.metrics.checkpoint(state.step)  # marks the curve, and saves the metrics so far
         if announcer is not None:
             announcer.add(state.step, dir_name, f"{self.job.checkpoint_run_uri}/{dir_name}")
             if self.sync_upload:
@@ -236,6 +284,7 @@ class Trainer:
         if self.rank == 0:
             write_final_model(self.strategy.hf_model, full, self.tokenizer,
                               resolve(self.job.final_model_uri, self.settings))
+            self.close_metrics(model_uri=self.job.final_model_uri)
         dist.barrier()
         ray.train.report({"step": self.state.step, "loss": self.loss, "model_uri": self.job.final_model_uri})
 
