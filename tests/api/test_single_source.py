@@ -92,7 +92,7 @@ def test_crd_has_status_subresource_columns_and_names():
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == \
-        ["Phase", "Strategy", "Workers", "Progress", "Loss", "Age"]
+        ["Phase", "Strategy", "Workers", "Progress", "Loss", "Eval", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["ftj"]
     assert crd["spec"]["names"]["categories"] == ["finetune"]
     yaml.safe_load(render_crd())
