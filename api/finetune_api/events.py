@@ -6,8 +6,13 @@ line (`parse_event_line`). Every event carries `"event"`:
 
 - `started`:    {totalSteps, resumedFromStep, workers, strategy}
 - `progress`:   {step, totalSteps, epoch, loss, learningRate, tokensPerSecond, etaSeconds}
+- `data`:       {format, records, truncated, droppedTooLong, droppedNothingToLearn,
+                evalRecords, evalRows, longRecords}: what became of the dataset's records
+                (records and the counts over every worker's share; the evaluation set's
+                records counted once)
+- `eval`:       {step, evalLoss, evalTokens, seconds}: the evaluation loss after step
 - `checkpoint`: {step, uri}
-- `completed`:  {step, loss, modelUri}
+- `completed`:  {step, loss, modelUri, evalLoss (with an evaluation set)}
 - `failed`:     {reason, message}
 """
 
@@ -17,7 +22,7 @@ import json
 import time
 from typing import Any, Iterable
 
-EVENT_KINDS = ("started", "progress", "checkpoint", "completed", "failed")
+EVENT_KINDS = ("started", "data", "progress", "eval", "checkpoint", "completed", "failed")
 _MARKER = '{"event": '
 
 

@@ -67,7 +67,7 @@ def _cluster_gpus() -> int:
 def preflight(job: FineTuneJob) -> Location:
     """Checks that need no workers: a job that cannot work fails here, before any worker
     starts, with a one-line reason. Returns the checkpoint location."""
-    from .data import check_dataset
+    from .data import Records, check_dataset
     from .model_io import check_model
 
     spec = job.spec
@@ -77,7 +77,9 @@ def preflight(job: FineTuneJob) -> Location:
     check_model(spec.model.uri, spec.model.revision, settings)
     data = resolve(spec.dataset.uri, settings)
     check_bucket(data)
-    check_dataset(data, spec.dataset.format, spec.dataset.text_field)
+    check_dataset(data, spec.dataset.format, Records.of(spec.dataset))
+    if spec.dataset.eval_uri:
+        check_dataset(resolve(spec.dataset.eval_uri, settings), spec.dataset.format, Records.of(spec.dataset))
     if spec.training.precision == "fp16" and spec.resources.gpus_per_worker == 0:
         raise BadInputError("precision fp16 needs GPUs (DeepSpeed and FSDP have no fp16 on CPU); use bf16 or fp32")
     if ckpt.scheme == "file":
@@ -137,10 +139,10 @@ def with_absolute_file_uris(job: FineTuneJob) -> FineTuneJob:
     in a directory of their own, so they must get the absolute path."""
     doc = copy.deepcopy(job.document)
     changed = False
-    for section in ("model", "dataset", "checkpoint"):
-        uri = doc["spec"][section]["uri"]
-        if uri.startswith("file://") and not uri.startswith("file:///"):
-            doc["spec"][section]["uri"] = "file://" + os.path.abspath(uri[len("file://"):])
+    for section, key in (("model", "uri"), ("dataset", "uri"), ("dataset", "evalUri"), ("checkpoint", "uri")):
+        uri = doc["spec"][section].get(key)
+        if uri and uri.startswith("file://") and not uri.startswith("file:///"):
+            doc["spec"][section][key] = "file://" + os.path.abspath(uri[len("file://"):])
             changed = True
     return FineTuneJob.from_document(doc) if changed else job
 
@@ -230,7 +232,8 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
         return fail(reason, f"training failed: {type(cause).__name__}: {_one_line(cause)}", code)
     _drain_logs()
     metrics = result.metrics or {}
-    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri)
+    extra = {"evalLoss": metrics["eval_loss"]} if metrics.get("eval_loss") is not None else {}
+    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri, **extra)
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
           f"final model: {job.final_model_uri}", flush=True)
     return EXIT_OK

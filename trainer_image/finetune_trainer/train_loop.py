@@ -2,8 +2,8 @@
 
 `train_func(config)` is what the TorchTrainer runs; it drives a `Trainer` through its named
 steps: setup (data, plan, strategy and model), restore (automatic resume), then train_step /
-after_step until the plan's last step (progress, maybe_checkpoint, the test hook), and finish
-(the final model).
+after_step until the plan's last step (progress, maybe_evaluate, maybe_checkpoint, the test
+hook), and finish (the final model).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class Trainer:
         self.state = TrainerState()
         self.resumed_from: int | None = None
         self.loss = float("nan")
+        self.eval_loss: float | None = None
         self._epoch_batches: tuple[int, list] | None = None  # (epoch, its micro-batches)
 
     def run(self) -> None:
@@ -85,21 +86,19 @@ class Trainer:
     # --- setup -----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Data (this rank's documents, packed; every rank agrees on the number of batches), the
-        step plan, and the strategy with the prepared model, optimizer and schedule."""
-        from .data import load_shard, plan_steps, tokenize_and_pack
+        """Data (this rank's records, packed; every rank agrees on the number of batches; the
+        evaluation set), the step plan, and the strategy with the prepared model, optimizer
+        and schedule."""
+        from .data import plan_steps
         from .model_io import load_tokenizer, local_model_dir
-        from .storage import resolve
 
         spec, training = self.spec, self.training
         _seed_everything(training.seed)
         strategy = strategies.lookup(spec.strategy.type)  # an unknown type fails before any download
         model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
         self.tokenizer = load_tokenizer(model_path, spec.model.revision)
-        docs = load_shard(resolve(spec.dataset.uri, self.settings), spec.dataset.format, spec.dataset.text_field,
-                          self.rank, self.world)
-        self.sequences = tokenize_and_pack(docs, self.tokenizer, spec.dataset.max_seq_length)
         self.mbs, self.gas = training.micro_batch_size, training.gradient_accumulation_steps
+        self.load_data()
         n_batches = int(_all_reduce([len(self.sequences) // self.mbs], self.device, dist.ReduceOp.MIN)[0])
         self.plan = plan_steps(n_batches, self.gas, training.epochs, training.max_steps)
         if self.plan.total_steps == 0:
@@ -110,6 +109,41 @@ class Trainer:
         self.batches_per_epoch = self.plan.steps_per_epoch * self.gas
         self.strategy = strategy(self.job, self.device)
         self.strategy.prepare(model_path, self.plan.total_steps)
+
+    def load_data(self) -> None:
+        """self.sequences (this rank's training rows) and self.eval_rows (the whole evaluation
+        set's rows, the same on every rank; None without one); rank 0's `data` event."""
+        from .data import Records, build_rows, load_all, split_eval
+        from .records import Counts
+        from .storage import resolve
+
+        ds = self.spec.dataset
+        records = Records.of(ds)
+        values = load_all(resolve(ds.uri, self.settings), ds.format, records)
+        eval_values = None
+        if ds.eval_fraction is not None:
+            held_out = split_eval(len(values), ds.eval_fraction, ds.eval_seed)
+            eval_values = [v for i, v in enumerate(values) if i in held_out]
+            values = [v for i, v in enumerate(values) if i not in held_out]
+        elif ds.eval_uri is not None:
+            eval_values = load_all(resolve(ds.eval_uri, self.settings), ds.format, records)
+        counts = Counts()
+        self.sequences = build_rows(records, values[self.rank::self.world], self.tokenizer, ds.max_seq_length,
+                                    ds.long_records, counts)
+        self.eval_rows = None
+        eval_counts = Counts()
+        if eval_values is not None:
+            self.eval_rows = build_rows(records, eval_values, self.tokenizer, ds.max_seq_length, ds.long_records,
+                                        eval_counts, keep_tail=True)
+            if not self.eval_rows:
+                raise BadInputError(f"the evaluation set ({ds.eval_uri or f'evalFraction {ds.eval_fraction}'}) "
+                                    "holds no record with a token to learn")
+        total = [int(n) for n in _all_reduce(counts.as_list(), self.device)]
+        if self.rank == 0:
+            emit("data", format=records.kind, records=total[0], truncated=total[1],
+                 droppedTooLong=total[2], droppedNothingToLearn=total[3],
+                 evalRecords=eval_counts.records if eval_values is not None else 0,
+                 evalRows=len(self.eval_rows or ()), longRecords=ds.long_records)
 
     def restore(self) -> None:
         """Automatic resume: Ray Train hands back the latest complete checkpoint of this run
@@ -158,10 +192,12 @@ class Trainer:
         state = self.state
         # Steps never straddle epochs: an epoch is a whole number of steps' micro-batches.
         batches = self._batches_of(state.epoch)
+        from .data import model_inputs
+
         micro_losses: list[float] = []
         for i in range(self.gas):
-            input_ids = torch.tensor(batches[state.batch + i], dtype=torch.long, device=self.device)
-            micro_losses.append(self.strategy.forward_backward(input_ids, boundary=i == self.gas - 1))
+            batch = model_inputs(batches[state.batch + i], self.device)
+            micro_losses.append(self.strategy.forward_backward(batch, boundary=i == self.gas - 1))
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         state.batch += self.gas
@@ -178,8 +214,40 @@ class Trainer:
             # Checkpoint steps are always printed: a resumed run can be compared there.
             self.reporter.step(state.step, state.epoch if state.batch else state.epoch - 1, loss,
                                self.strategy.learning_rate(), force=state.step % self.spec.checkpoint.every_steps == 0)
+        self.maybe_evaluate()
         self.maybe_checkpoint()
         self.maybe_inject_fault()
+
+    def maybe_evaluate(self) -> None:
+        every = self.training.eval_every_steps
+        if self.eval_rows is not None and (self.state.step == self.plan.total_steps
+                                           or (every and self.state.step % every == 0)):
+            self.evaluate()
+
+    def evaluate(self) -> float:
+        """Collective: the evaluation loss over the whole evaluation set (evaluation.py), the
+        `eval` event (rank 0)."""
+        from .data import model_inputs
+        from .evaluation import rank_batches
+
+        began = time.monotonic()
+        loss_sum, tokens = 0.0, 0
+        for rows in rank_batches(self.eval_rows, self.rank, self.world, self.mbs):
+            s, n = self.strategy.eval_sums(model_inputs(rows, self.device))
+            loss_sum, tokens = loss_sum + s, tokens + n
+        total_sum, total_tokens = _all_reduce([loss_sum, float(tokens)], self.device)
+        self.eval_loss = total_sum / total_tokens
+        if self.rank == 0:
+            emit("eval", step=self.state.step, evalLoss=round(self.eval_loss, 6), evalTokens=int(total_tokens),
+                 seconds=round(time.monotonic() - began, 2))
+        return self.eval_loss
+
+    def metrics(self) -> dict:
+        """What the loop reports to Ray Train (checkpoints and the end)."""
+        out = {"step": self.state.step, "loss": self.loss}
+        if self.eval_loss is not None:
+            out["eval_loss"] = self.eval_loss
+        return out
 
     def maybe_checkpoint(self) -> None:
         if self.state.step % self.spec.checkpoint.every_steps == 0 or self.state.step == self.plan.total_steps:
@@ -197,7 +265,7 @@ class Trainer:
         state.rng = checkpointing.capture_rng()
         state.loss = self.loss
         dir_name = f"checkpoint_step{state.step:08d}_{self.attempt}"
-        checkpointing.save(self.strategy, state, self.rank, self.world, {"step": state.step, "loss": self.loss},
+        checkpointing.save(self.strategy, state, self.rank, self.world, self.metrics(),
                            dir_name, self.upload_mode, self.upload_fn)
         if announcer is not None:
             announcer.add(state.step, dir_name, f"{self.job.checkpoint_run_uri}/{dir_name}")
@@ -237,7 +305,7 @@ class Trainer:
             write_final_model(self.strategy.hf_model, full, self.tokenizer,
                               resolve(self.job.final_model_uri, self.settings))
         dist.barrier()
-        ray.train.report({"step": self.state.step, "loss": self.loss, "model_uri": self.job.final_model_uri})
+        ray.train.report({**self.metrics(), "model_uri": self.job.final_model_uri})
 
 
 def train_func(config: dict) -> None:
