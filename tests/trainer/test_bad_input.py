@@ -112,3 +112,16 @@ def test_invalid_job_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     _assert_one_clear_line(proc.stderr, "spec.model.uri")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"text": "not a chat"}\n', "no field 'messages'"),
+    (b'{"messages": [{"role": "user", "content": 3}]}\n', "field 'messages' is not a non-empty list"),
+])
+def test_bad_chat_records_exit_3(content, needle, make_job, s3_server, capsys):
+    key = f"bad-chat/{uuid.uuid4().hex[:6]}.jsonl"
+    s3_server.client.put_object(Bucket=s3_server.bucket, Key=key, Body=content)
+    doc = make_job("bad-chat", {"dataset": {"uri": f"s3://{s3_server.bucket}/{key}", "format": "chat"}})
+    code, out, err = _run_in_process(doc, capsys)
+    assert code == 3
+    _assert_one_clear_line(err, needle)

@@ -186,7 +186,8 @@ def check_dataset(loc: Location, declared: str, records: Records) -> int:
     for path, fmt in files:
         if read_records(loc.filesystem, path, fmt, records, sample=True):
             return len(files)
-    raise BadInputError(f"dataset {loc.uri} holds no non-empty records "
+    what = "documents" if records.kind == "text" else "records"
+    raise BadInputError(f"dataset {loc.uri} holds no non-empty {what} "
                         f"(field {' / '.join(map(repr, records.fields))})")
 
 
