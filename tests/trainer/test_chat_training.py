@@ -1,4 +1,4 @@
-"""One real run on chat data: ZeRO-3, 2 CPU workers, masked loss, records truncated, an
+"""One real run on chat data: FSDP FULL_SHARD, 2 CPU workers, masked loss, records truncated, an
 evaluation set split off by evalFraction, the eval loss every 2 steps and at the end; and the
 2-worker eval loss against the same evaluation computed here, in one process, on the final
 model."""
@@ -23,6 +23,7 @@ def test_chat_run_with_eval_on_two_workers(make_job, run_trainer, tiny_assets, s
     dataset = {"uri": chat_uri, "format": "chat", "maxSeqLength": 24, "evalFraction": 0.1, "evalSeed": 3}
     run = run_trainer(make_job("chat-eval", {
         "dataset": dataset,
+        "strategy": {"type": "fsdp", "fsdp": {"shardingStrategy": "FULL_SHARD"}},
         "training": {"maxSteps": 4, "evalEverySteps": 2, "learningRate": 0.01},
         "checkpoint": {"everySteps": 4},
     }))
