@@ -30,6 +30,22 @@ EVENTS: dict[str, dict[str, str]] = {
         "tokensPerSecond": "tokens trained per second since the last progress event",
         "etaSeconds": "estimated seconds to the last step",
     },
+    "data": {
+        "format": "spec.dataset.format",
+        "records": "the training records, over every worker's share",
+        "truncated": "records longer than maxSeqLength, truncated (longRecords: truncate)",
+        "droppedTooLong": "records longer than maxSeqLength, dropped (longRecords: drop)",
+        "droppedNothingToLearn": "records left with no token in the loss (e.g. an answer cut off)",
+        "evalRecords": "the evaluation set's records (counted once)",
+        "evalRows": "the evaluation set's packed rows",
+        "longRecords": "spec.dataset.longRecords",
+    },
+    "eval": {
+        "step": "the step after which the evaluation ran",
+        "evalLoss": "the evaluation loss: token losses summed over every worker, over their tokens",
+        "evalTokens": "the tokens in the loss",
+        "seconds": "how long the evaluation took",
+    },
     "tracking": {
         "tensorboardUri": "the run's TensorBoard event files",
         "metricsUri": "the run's metrics log (JSONL, one file per attempt; `finetune plot` reads it)",
@@ -47,6 +63,7 @@ EVENTS: dict[str, dict[str, str]] = {
         "step": "the last step",
         "loss": "its loss",
         "modelUri": "the final model (Hugging Face format)",
+        "evalLoss": "the last evaluation loss (with an evaluation set)",
         "lossCurveUri": "the loss-curve PNG, when it could be drawn",
     },
     "failed": {

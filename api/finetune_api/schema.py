@@ -82,19 +82,54 @@ MODEL = obj(
     required=("uri",),
 )
 
+RECORD_FORMATS = ("chat", "prompt-completion")
+
 DATASET = obj(
-    "Training text: tokenized, packed into maxSeqLength sequences and sharded across workers.",
+    "Training data. Text is tokenized, packed into maxSeqLength sequences and sharded across "
+    "workers, with the loss on every token; chat and prompt-completion records are rendered "
+    "one by one, the loss only on the assistant turns or the completion, and packed whole "
+    "(docs/data.md says exactly what packing guarantees).",
     {
         "uri": uri("A file or a prefix of files: s3://BUCKET/KEY or file://PATH.", URI_SCHEMES_DATA),
-        "format": string("File format; auto picks it from the file extension "
-                         "(.jsonl/.json, .parquet, .txt).",
-                         enum=["auto", "jsonl", "parquet", "text"], default="auto"),
+        "format": string("What a record is. auto, jsonl, parquet, text: raw text, the file "
+                         "format picked from the extension (.jsonl/.json, .parquet, .txt) or "
+                         "named. chat: records whose messagesField is a list of {role, "
+                         "content}, rendered with the tokenizer's chat template; "
+                         "prompt-completion: records with promptField and completionField. "
+                         "Both read .jsonl/.json or .parquet files.",
+                         enum=["auto", "jsonl", "parquet", "text", *RECORD_FORMATS],
+                         default="auto"),
         "textField": string("The field (jsonl) or column (parquet) holding the text.",
                             default="text", minLength=1),
+        "messagesField": string("format chat: the field holding the list of messages.",
+                                default="messages", minLength=1),
+        "promptField": string("format prompt-completion: the field holding the prompt (no "
+                              "loss on it).", default="prompt", minLength=1),
+        "completionField": string("format prompt-completion: the field holding the "
+                                  "completion (the loss is on it and the EOS after it).",
+                                  default="completion", minLength=1),
         "maxSeqLength": integer("Length in tokens of each packed training sequence.",
                                 minimum=8, maximum=1048576, default=2048),
+        "longRecords": string("chat and prompt-completion: what happens to a record longer "
+                              "than maxSeqLength. truncate keeps its first maxSeqLength "
+                              "tokens (a record left with no token to learn is dropped), drop "
+                              "leaves it out; the trainer's data event counts both.",
+                              enum=["truncate", "drop"], default="truncate"),
+        "evalUri": uri("A held-out evaluation set in the same format: s3://BUCKET/KEY or "
+                       "file://PATH. Not with evalFraction.", URI_SCHEMES_DATA),
+        "evalFraction": number("Hold out this fraction of the records (at least one) as the "
+                               "evaluation set, chosen with evalSeed. Not with evalUri.",
+                               exclusiveMinimum=True, minimum=0, maximum=0.5),
+        "evalSeed": integer("Seed of the evalFraction split: fixed, so runs with different "
+                            "training seeds are evaluated on the same records.", minimum=0,
+                            default=0),
     },
     required=("uri",),
+    rules=(
+        rule("!has(self.evalUri) || !has(self.evalFraction)",
+             "evalUri and evalFraction are exclusive: give the evaluation set as files or as "
+             "a fraction of the training records, not both", ".evalFraction"),
+    ),
 )
 
 DEEPSPEED = obj(
@@ -173,6 +208,9 @@ TRAINING = obj(
                               "clipping off.", minimum=0, default=1.0),
         "seed": integer("Seed for initialisation, data order and dropout.", minimum=0,
                         default=42),
+        "evalEverySteps": integer("Compute the evaluation loss every this many optimizer "
+                                  "steps (it is always computed at the end when the dataset "
+                                  "has an evaluation set).", minimum=1),
     },
     rules=(
         rule("!has(self.maxSteps) || self.warmupSteps < self.maxSteps",
@@ -340,6 +378,10 @@ SPEC = obj(
              "'NO_SHARD'",
              "cpuOffload needs a sharding strategy other than NO_SHARD",
              ".strategy.fsdp.cpuOffload"),
+        rule("!has(self.training.evalEverySteps) || has(self.dataset.evalUri) "
+             "|| has(self.dataset.evalFraction)",
+             "evalEverySteps needs an evaluation set (dataset.evalUri or dataset.evalFraction)",
+             ".training.evalEverySteps"),
     ),
 )
 
@@ -371,6 +413,9 @@ STATUS = obj(
             "totalSteps": integer("Optimizer steps planned."),
             "percent": integer("step / totalSteps in percent."),
             "loss": number("Latest training loss."),
+            "evalLoss": number("Latest evaluation loss: the mean token loss over the whole "
+                               "evaluation set."),
+            "evalStep": integer("The optimizer step evalLoss was measured after."),
             "learningRate": number("Current learning rate."),
             "tokensPerSecond": number("Training throughput over all workers."),
             "etaSeconds": integer("Estimated seconds to the end."),
@@ -380,6 +425,13 @@ STATUS = obj(
         "checkpoint": obj("The latest complete checkpoint.", {
             "uri": string("Where it is."),
             "step": integer("The optimizer step it holds."),
+        }),
+        "bestEval": obj("The lowest evaluation loss so far.", {
+            "loss": number("The evaluation loss."),
+            "step": integer("The optimizer step it was measured after."),
+            "checkpointUri": string("The checkpoint holding that step, when one was saved "
+                                    "there (checkpoint.everySteps a divisor of it, or the "
+                                    "last step)."),
         }),
         "output": obj("What the job produced.", {
             "modelUri": string("The consolidated Hugging Face model."),
@@ -413,6 +465,8 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
      "description": "Percent of the planned optimizer steps done."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.progress.evalLoss",
+     "description": "Latest evaluation loss."},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta",
      "description": "Estimated time to the end of training."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

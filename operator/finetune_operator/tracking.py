@@ -50,6 +50,7 @@ class Tracked:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     output: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
+    best_eval: dict[str, Any] = field(default_factory=dict)
     failure: str = ""
     # Kubernetes Events the trainer's events call for: (type, reason, message).
     events: list[tuple[str, str, str]] = field(default_factory=list)
@@ -60,6 +61,8 @@ class Tracked:
             out["progress"] = self.progress
         if self.checkpoint:
             out["checkpoint"] = self.checkpoint
+        if self.best_eval:
+            out["bestEval"] = self.best_eval
         if self.output:
             out["output"] = self.output
         if self.tracking:
@@ -117,14 +120,18 @@ def _tracking_event(e: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 def apply_events(events: list[dict[str, Any]],
                  current: dict[str, Any] | None = None) -> Tracked:
-    """Fold events into status.progress/checkpoint/output, starting from the current status."""
+    """Fold events into status.progress/checkpoint/output/bestEval, starting from the current
+    status. bestEval is the lowest evalLoss and its step, with the checkpoint of that step
+    (the checkpoint event comes before or after the eval event of its step)."""
     current = current or {}
     progress = dict(current.get("progress") or {})
     checkpoint = dict(current.get("checkpoint") or {})
     output = dict(current.get("output") or {})
     where = dict(current.get("tracking") or {})
+    best = dict(current.get("bestEval") or {})
     failure = ""
-    changed = {"progress": False, "checkpoint": False, "output": False, "tracking": False}
+    changed = {"progress": False, "checkpoint": False, "output": False, "tracking": False,
+               "best": False}
     recorded: list[tuple[str, str, str]] = []
     for e in events:
         kind = e["event"]
@@ -160,10 +167,26 @@ def apply_events(events: list[dict[str, Any]],
                 progress["eta"] = human_eta(progress["etaSeconds"])
             progress["updatedAt"] = _time(e)
             changed["progress"] = True
+        elif kind == "eval":
+            loss, step = _num(e.get("evalLoss")), e.get("step")
+            if loss is None or not isinstance(step, int):
+                continue
+            progress["evalLoss"], progress["evalStep"] = loss, step
+            progress["updatedAt"] = _time(e)
+            changed["progress"] = True
+            if "loss" not in best or loss < best["loss"]:
+                best = {"loss": loss, "step": step}
+                # The checkpoint of that step, when it was announced before its eval.
+                if checkpoint.get("step") == step:
+                    best["checkpointUri"] = checkpoint["uri"]
+                changed["best"] = True
         elif kind == "checkpoint":
             if isinstance(e.get("uri"), str) and isinstance(e.get("step"), int):
                 checkpoint = {"uri": e["uri"], "step": e["step"]}
                 changed["checkpoint"] = True
+                if best.get("step") == e["step"] and best.get("checkpointUri") != e["uri"]:
+                    best["checkpointUri"] = e["uri"]
+                    changed["best"] = True
         elif kind == "completed":
             step = e.get("step")
             if isinstance(step, int):
@@ -175,6 +198,9 @@ def apply_events(events: list[dict[str, Any]],
             loss = _num(e.get("loss"))
             if loss is not None:
                 progress["loss"] = loss
+            eval_loss = _num(e.get("evalLoss"))
+            if eval_loss is not None:
+                progress["evalLoss"] = eval_loss
             progress["updatedAt"] = _time(e)
             changed["progress"] = True
             for key in ("modelUri", "lossCurveUri"):
@@ -195,6 +221,7 @@ def apply_events(events: list[dict[str, Any]],
                    checkpoint=checkpoint if changed["checkpoint"] else {},
                    output=output if changed["output"] else {},
                    tracking=where if changed["tracking"] else {},
+                   best_eval=best if changed["best"] else {},
                    failure=failure, events=recorded)
 
 

@@ -194,7 +194,31 @@ BAD.update({
     "max-steps-float": (make(**{"spec.training.maxSteps": 1.5}), "spec.training.maxSteps"),
 })
 
+BAD.update({
+    # The evaluation set is files or a fraction of the training records, never both.
+    "eval-uri-and-fraction": (make(**{"spec.dataset.evalUri": "s3://data/eval.jsonl",
+                                      "spec.dataset.evalFraction": 0.1}),
+                              "spec.dataset.evalFraction"),
+    "eval-every-without-eval-set": (make(**{"spec.training.evalEverySteps": 5}),
+                                    "spec.training.evalEverySteps"),
+    "eval-fraction-zero": (make(**{"spec.dataset.evalFraction": 0}), "spec.dataset.evalFraction"),
+    "eval-fraction-above-half": (make(**{"spec.dataset.evalFraction": 0.9}),
+                                 "spec.dataset.evalFraction"),
+    "format-unknown": (make(**{"spec.dataset.format": "sharegpt"}), "spec.dataset.format"),
+    "long-records-unknown": (make(**{"spec.dataset.longRecords": "split"}),
+                             "spec.dataset.longRecords"),
+    "messages-field-empty": (make(**{"spec.dataset.messagesField": ""}),
+                             "spec.dataset.messagesField"),
+})
+
 GOOD.update({
+    "chat-eval-fraction": make(**{"spec.dataset": {
+        "uri": "s3://data/chat.jsonl", "format": "chat", "maxSeqLength": 64,
+        "evalFraction": 0.05, "evalSeed": 7, "longRecords": "drop"},
+        "spec.training.evalEverySteps": 5}),
+    "prompt-completion-eval-uri": make(**{"spec.dataset": {
+        "uri": "s3://data/pc.parquet", "format": "prompt-completion", "promptField": "q",
+        "completionField": "a", "evalUri": "s3://data/pc-eval.parquet"}}),
     "generate-name": make(metadata={"generateName": "sweep-"}),
     "name-45-chars": make(metadata={"name": "x" * 45}),
     "memory-fraction": make(**{"spec.resources.memoryPerWorker": "0.5Gi"}),

@@ -95,7 +95,7 @@ def test_crd_has_status_subresource_columns_and_names():
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == \
-        ["Phase", "Strategy", "Workers", "Progress", "Loss", "ETA", "Age"]
+        ["Phase", "Strategy", "Workers", "Progress", "Loss", "Eval", "ETA", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["ftj"]
     assert crd["spec"]["names"]["categories"] == ["finetune"]
     yaml.safe_load(render_crd())

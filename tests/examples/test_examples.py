@@ -33,7 +33,7 @@ def documents(path: Path) -> list[dict]:
 JOB_FILES = sorted(p for p in EXAMPLES.glob("*.yaml")
                    if any(d.get("kind") == KIND for d in documents(p)))
 MINE = ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml", "zero3-cpu-offload.yaml",
-        "kueue-queued.yaml"]
+        "kueue-queued.yaml", "llama3-8b-chat.yaml"]
 
 
 def raw(name: str) -> dict:
@@ -114,6 +114,8 @@ DEEPSPEED_PROMISES = {
                                "bf16": True},
     "kueue-queued.yaml": {"stage": 2, "offload": set(), "bf16": True},
     "tiny-cpu.yaml": {"stage": 3, "offload": set(), "bf16": False},  # CPU: fp32
+    "tiny-chat-cpu.yaml": {"stage": 3, "offload": set(), "bf16": False},
+    "llama3-8b-chat.yaml": {"stage": 3, "offload": set(), "bf16": True},
 }
 
 
@@ -170,7 +172,21 @@ def test_kueue_label_reaches_the_raycluster_and_its_pods():
         assert group["template"]["metadata"]["labels"][QUEUE_LABEL] == queue
 
 
-@pytest.mark.parametrize("name", ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml"])
+def test_chat_examples_train_on_chat_records_and_evaluate(tmp_path, monkeypatch):
+    from finetune_trainer.data import Records
+
+    for name in ("tiny-chat-cpu.yaml", "llama3-8b-chat.yaml"):
+        spec = job(name).spec
+        assert Records.of(spec.dataset).kind == "chat"
+        assert (spec.dataset.eval_uri or spec.dataset.eval_fraction) and spec.training.eval_every_steps
+    # The tiny one reads the chat records `finetune make-tiny .demo` writes (tiny.py).
+    monkeypatch.chdir(tmp_path)
+    spec = with_absolute_file_uris(job("tiny-chat-cpu.yaml")).spec
+    assert spec.dataset.uri == f"file://{tmp_path}/.demo/data/chat.jsonl"
+    assert spec.model.uri == f"file://{tmp_path}/.demo/model"
+
+
+@pytest.mark.parametrize("name", ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml", "llama3-8b-chat.yaml"])
 def test_gpu_examples_land_on_their_node_pool(name):
     spec = raw(name)["spec"]["resources"]
     cluster = raycluster(name)

@@ -111,3 +111,31 @@ def test_tracking_event_names_the_places_in_status_and_one_event():
     # attempt of the same MLflow run): no new Event, no status change.
     again = apply_events(LogCursor("x").feed(log_of(line)), tracked.as_status())
     assert again.events == [] and "tracking" not in again.as_status()
+def test_eval_events_become_eval_loss_and_the_best_eval_with_its_checkpoint():
+    ckpt = "s3://ckpt/runs/chat/checkpoint_step00000010_a"
+    events = LogCursor("x").feed(log_of(
+        format_event("eval", step=5, evalLoss=2.0, evalTokens=900, seconds=0.5),
+        # Step 10's checkpoint is announced before its eval (SYNC), step 15's has none, and
+        # step 20's comes after its eval (an ASYNC upload registers later).
+        PREFIX + format_event("checkpoint", step=10, uri=ckpt),
+        format_event("eval", step=10, evalLoss=1.5, evalTokens=900, seconds=0.5),
+        format_event("eval", step=15, evalLoss=1.7, evalTokens=900, seconds=0.5),
+    ))
+    tracked = apply_events(events)
+    assert (tracked.progress["evalLoss"], tracked.progress["evalStep"]) == (1.7, 15)
+    assert tracked.best_eval == {"loss": 1.5, "step": 10, "checkpointUri": ckpt}
+    assert tracked.as_status()["bestEval"] == tracked.best_eval
+
+    status = {"progress": tracked.progress, "checkpoint": tracked.checkpoint, "bestEval": tracked.best_eval}
+    later = LogCursor("y").feed(log_of(
+        format_event("eval", step=20, evalLoss=1.2, evalTokens=900, seconds=0.5),
+        format_event("checkpoint", step=20, uri=ckpt.replace("10_a", "20_a")),
+        format_event("completed", step=20, loss=1.1, modelUri="s3://ckpt/runs/chat/final", evalLoss=1.2),
+    ))
+    tracked = apply_events(later, status)
+    assert tracked.best_eval == {"loss": 1.2, "step": 20, "checkpointUri": ckpt.replace("10_a", "20_a")}
+    assert tracked.progress["evalLoss"] == 1.2
+    # A worse eval later changes the latest evalLoss, not the best.
+    worse = apply_events(LogCursor("z").feed(log_of(format_event("eval", step=25, evalLoss=9.0))),
+                         {"bestEval": tracked.best_eval})
+    assert worse.progress["evalLoss"] == 9.0 and worse.best_eval == {}  # unchanged: nothing to write

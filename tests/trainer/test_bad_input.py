@@ -123,3 +123,14 @@ def test_unreachable_mlflow_server_exits_3_naming_the_field(make_job, capsys):
     assert code == 3
     _assert_one_clear_line(err, "spec.tracking.mlflow.uri", uri, "did not answer")
     assert '"reason": "BadInput"' in out
+@pytest.mark.parametrize("content, needle", [
+    (b'{"text": "not a chat"}\n', "no field 'messages'"),
+    (b'{"messages": [{"role": "user", "content": 3}]}\n', "field 'messages' is not a non-empty list"),
+])
+def test_bad_chat_records_exit_3(content, needle, make_job, s3_server, capsys):
+    key = f"bad-chat/{uuid.uuid4().hex[:6]}.jsonl"
+    s3_server.client.put_object(Bucket=s3_server.bucket, Key=key, Body=content)
+    doc = make_job("bad-chat", {"dataset": {"uri": f"s3://{s3_server.bucket}/{key}", "format": "chat"}})
+    code, out, err = _run_in_process(doc, capsys)
+    assert code == 3
+    _assert_one_clear_line(err, needle)

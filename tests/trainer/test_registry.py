@@ -58,7 +58,7 @@ def _complete(name: str) -> type:
     def method(self, *args):
         raise AssertionError("not called")
 
-    body = {m: method for m in ("prepare", "forward_backward", "learning_rate", "save_checkpoint",
+    body = {m: method for m in ("prepare", "forward", "forward_backward", "learning_rate", "save_checkpoint",
                                 "load_checkpoint", "final_state_dict")}
     body["hf_model"] = property(method)
     return type(f"Strategy_{name}", (strategies.Strategy,), {"name": name, **body})

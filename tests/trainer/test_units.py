@@ -40,7 +40,7 @@ def test_shards_are_disjoint_and_cover_every_document(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(lines[6:]) + "\n\n")
     (tmp_path / "notes.md").write_text("ignored: unknown extension")
     loc = storage.resolve(f"file://{tmp_path}")
-    shards = [data.load_shard(loc, "auto", "text", r, 3) for r in range(3)]
+    shards = [data.load_shard(loc, "auto", data.Records("text", ("text",)), r, 3) for r in range(3)]
     assert shards[0] == ["doc 0", "doc 3", "doc 6", "doc 9"]
     assert sorted(sum(shards, []), key=lambda s: int(s.split()[1])) == [f"doc {i}" for i in range(11)]
 
@@ -69,7 +69,7 @@ def test_preflight_sample_reads_whole_lines_only(tmp_path, monkeypatch):
     sampled = data.read_documents(fs, str(tmp_path / "d.jsonl"), "jsonl", "text", sample=True)
     assert sampled == ["document 0"]  # the second line, cut by the sample, is not parsed
     assert len(data.read_documents(fs, str(tmp_path / "d.jsonl"), "jsonl", "text")) == 10
-    assert data.check_dataset(storage.resolve(f"file://{tmp_path}"), "auto", "text") == 1
+    assert data.check_dataset(storage.resolve(f"file://{tmp_path}"), "auto", data.Records("text", ("text",))) == 1
 
 
 def test_plan_steps_and_epoch_shuffle():

@@ -1,9 +1,23 @@
-"""Training data: read documents, tokenize, pack into fixed-length sequences, shard, batch.
+"""Training data: read records, tokenize, pack into fixed-length sequences, shard, batch.
 
 Formats: jsonl (one JSON object per line, text in `textField`), parquet (column
 `textField`) and text (ONE DOCUMENT PER NON-EMPTY LINE: a line is the natural unit of the
 corpora we feed as .txt, and it keeps sharding fine-grained). `auto` picks by extension.
+`chat` and `prompt-completion` records (records.py renders them with their label masks) are
+read from .jsonl/.json or .parquet files.
 A URI is one file or a prefix/directory; every file under it with a known extension is read.
+
+What packing guarantees:
+- Text (`pack`): documents, each followed by EOS, are concatenated and cut into maxSeqLength
+  rows; a row can hold the end of one document and the start of the next, attention crosses
+  the EOS between them, and the loss is on every token.
+- Chat and prompt-completion (`pack_examples`): each record lies whole in one row (records
+  longer than maxSeqLength are cut or dropped first, by dataset.longRecords); rows are filled
+  in order and padded. Position ids restart at 0 at every record and at the padding, and the
+  model gets no attention mask, so transformers builds a block-diagonal causal mask from the
+  position ids: a token attends only to the earlier tokens of its own record. Each record's
+  first label and all padding labels are -100, so no loss term predicts one record's token
+  from another's. A record's loss terms are the same packed alone or with others.
 
 Sharding is by document (document i goes to rank i % world), each rank packs its own
 documents, and the ranks agree on the MIN number of batches so that every rank runs the same
@@ -17,11 +31,15 @@ import io
 import json
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from .errors import BadInputError
+from .records import IGNORE, Counts, Example, fit, render_chat, render_prompt_completion
 from .storage import Location, list_files
+
+RECORD_FORMATS = ("chat", "prompt-completion")
 
 SAMPLE_BYTES = 1 << 20
 FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -29,10 +47,13 @@ FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet
 
 def file_format(path: str, declared: str) -> str | None:
     """The format to read `path` with, or None when `auto` does not know the extension."""
-    if declared != "auto":
+    if declared not in ("auto", *RECORD_FORMATS):
         return declared
     for ext, fmt in FORMAT_BY_EXTENSION.items():
         if path.endswith(ext):
+            if declared in RECORD_FORMATS and fmt == "text":
+                raise BadInputError(f"dataset.format {declared} reads .jsonl/.json or .parquet files, "
+                                    f"not the text file {path}")
             return fmt
     return None
 
@@ -50,9 +71,54 @@ def data_files(loc: Location, declared: str) -> list[tuple[str, str]]:
     return known
 
 
+@dataclass(frozen=True)
+class Records:
+    """What a record of the dataset is (dataset.format) and the fields it is read from."""
+
+    kind: str  # text, chat or prompt-completion
+    fields: tuple[str, ...]
+
+    @classmethod
+    def of(cls, dataset) -> "Records":
+        if dataset.format == "chat":
+            return cls("chat", (dataset.messages_field,))
+        if dataset.format == "prompt-completion":
+            return cls("prompt-completion", (dataset.prompt_field, dataset.completion_field))
+        return cls("text", (dataset.text_field,))
+
+    def value(self, record: Any, where: str) -> Any:
+        """The record's content (text, a message list, a (prompt, completion) pair), or None
+        for a text record with no text; BadInputError naming the place and the field."""
+        missing = [f for f in self.fields if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise BadInputError(f"{where} has no field {missing[0]!r}")
+        if self.kind == "chat":
+            (name,) = self.fields
+            messages = record[name]
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+                raise BadInputError(f"{where}: field {name!r} is not a non-empty list of "
+                                    "{role, content} messages with string values")
+            return [{"role": m["role"], "content": m["content"]} for m in messages]
+        values = [record[f] for f in self.fields]
+        for name, value in zip(self.fields, values):
+            if not isinstance(value, str):
+                raise BadInputError(f"{where}: field {name!r} is not a string")
+        if self.kind == "prompt-completion":
+            return tuple(values)
+        return values[0] if values[0].strip() else None
+
+
 def read_documents(fs: pafs.FileSystem, path: str, fmt: str, text_field: str,
                    sample: bool = False) -> list[str]:
-    """The documents of one file; BadInputError naming the file and the problem.
+    """The text documents of one file (see read_records)."""
+    return read_records(fs, path, fmt, Records("text", (text_field,)), sample)
+
+
+def read_records(fs: pafs.FileSystem, path: str, fmt: str, records: Records,
+                 sample: bool = False) -> list:
+    """The records of one file; BadInputError naming the file and the problem.
 
     sample=True reads only the start (the first MiB of text, the first parquet row group):
     enough for the driver's preflight to prove the file is readable, without reading a
@@ -66,16 +132,21 @@ def read_documents(fs: pafs.FileSystem, path: str, fmt: str, text_field: str,
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
-                if text_field not in names:
-                    raise BadInputError(f"dataset file {shown} has no column {text_field!r} "
-                                        f"(columns: {', '.join(names)})")
+                for name in records.fields:
+                    if name not in names:
+                        raise BadInputError(f"dataset file {shown} has no column {name!r} "
+                                            f"(columns: {', '.join(names)})")
+                columns = list(records.fields)
                 if sample:
-                    table = pf.read_row_group(0, columns=[text_field]) if pf.num_row_groups else None
+                    table = pf.read_row_group(0, columns=columns) if pf.num_row_groups else None
                 else:
-                    table = pf.read(columns=[text_field])
+                    table = pf.read(columns=columns)
             if table is None:
                 return []
-            return [t for t in table.column(text_field).to_pylist() if isinstance(t, str) and t.strip()]
+            if records.kind == "text":
+                return [t for t in table.column(columns[0]).to_pylist() if isinstance(t, str) and t.strip()]
+            return [records.value(row, f"dataset file {shown} row {n}")
+                    for n, row in enumerate(table.to_pylist())]
         with fs.open_input_stream(path) as f:
             raw = f.read(SAMPLE_BYTES) if sample else f.read()
         if sample and len(raw) == SAMPLE_BYTES and b"\n" in raw:
@@ -98,17 +169,13 @@ def read_documents(fs: pafs.FileSystem, path: str, fmt: str, text_field: str,
             record = json.loads(line)
         except ValueError as exc:
             raise BadInputError(f"dataset file {shown} line {n} is not JSON: {exc}") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise BadInputError(f"dataset file {shown} line {n} has no field {text_field!r}")
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise BadInputError(f"dataset file {shown} line {n}: field {text_field!r} is not a string")
-        if value.strip():
+        value = records.value(record, f"dataset file {shown} line {n}")
+        if value is not None:
             docs.append(value)
     return docs
 
 
-def check_dataset(loc: Location, declared: str, text_field: str) -> int:
+def check_dataset(loc: Location, declared: str, records: Records) -> int:
     """Preflight: files exist, the first ones parse, and there is at least one document.
 
     Samples files in order until one holds a document, so an empty dataset is caught without
@@ -117,21 +184,116 @@ def check_dataset(loc: Location, declared: str, text_field: str) -> int:
     """
     files = data_files(loc, declared)
     for path, fmt in files:
-        if read_documents(loc.filesystem, path, fmt, text_field, sample=True):
+        if read_records(loc.filesystem, path, fmt, records, sample=True):
             return len(files)
-    raise BadInputError(f"dataset {loc.uri} holds no non-empty documents (field {text_field!r})")
+    what = "documents" if records.kind == "text" else "records"
+    raise BadInputError(f"dataset {loc.uri} holds no non-empty {what} "
+                        f"(field {' / '.join(map(repr, records.fields))})")
 
 
-def load_shard(loc: Location, declared: str, text_field: str, rank: int, world: int) -> list[str]:
-    """This rank's documents: document i (over all files, in order) goes to rank i % world."""
-    docs: list[str] = []
-    index = 0
+def load_all(loc: Location, declared: str, records: Records) -> list:
+    """Every record under the URI, over all files in order."""
+    out: list = []
     for path, fmt in data_files(loc, declared):
-        for doc in read_documents(loc.filesystem, path, fmt, text_field):
-            if index % world == rank:
-                docs.append(doc)
-            index += 1
-    return docs
+        out.extend(read_records(loc.filesystem, path, fmt, records))
+    return out
+
+
+def load_shard(loc: Location, declared: str, records: Records, rank: int, world: int) -> list:
+    """This rank's records: record i (over all files, in order) goes to rank i % world."""
+    return load_all(loc, declared, records)[rank::world]
+
+
+def split_eval(n: int, fraction: float, seed: int) -> set[int]:
+    """The indices of the records held out for evaluation: round(n x fraction), at least one,
+    drawn with `seed` alone, so the split is the same for any world size and training seed."""
+    k = max(1, round(n * fraction))
+    if k >= n:
+        raise BadInputError(f"dataset.evalFraction {fraction} of {n} records leaves no record to train on")
+    return set(random.Random(seed).sample(range(n), k))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One packed sequence of maxSeqLength tokens. position_ids is None for text rows (the
+    model numbers the positions 0..maxSeqLength-1 itself)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+
+
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
+    """Whole examples (each at most seq_len long) into rows of seq_len, in order, each row
+    filled until the next example does not fit, then padded (see the module docstring)."""
+    rows: list[Row] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+
+    def close() -> None:
+        pad = seq_len - len(ids)
+        rows.append(Row(ids + [pad_id] * pad, labels + [IGNORE] * pad, positions + list(range(pad))))
+
+    for ex in examples:
+        if ids and len(ids) + len(ex.input_ids) > seq_len:
+            close()
+            ids, labels, positions = [], [], []
+        ids = ids + ex.input_ids
+        labels = labels + ex.labels
+        positions = positions + list(range(len(ex.input_ids)))
+    if ids:
+        close()
+    return rows
+
+
+def examples_of(records: Records, values: list, tokenizer, seq_len: int, long_records: str,
+                counts: Counts) -> list[Example]:
+    """Chat or prompt-completion records rendered with their masks and fitted to seq_len."""
+    render = (render_chat if records.kind == "chat"
+              else lambda tok, pair: render_prompt_completion(tok, *pair))
+    out = []
+    for value in values:
+        example = fit(render(tokenizer, value), seq_len, long_records, counts)
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def build_rows(records: Records, values: list, tokenizer, seq_len: int, long_records: str,
+               counts: Counts, keep_tail: bool = False) -> list[Row]:
+    """The packed rows of `values` (one kind of record). keep_tail: text's last, short row is
+    padded (labels -100) instead of dropped, as the evaluation set keeps every token."""
+    if records.kind == "text":
+        counts.records += len(values)
+        if tokenizer.eos_token_id is None:
+            raise BadInputError("the tokenizer has no EOS token; packing needs one between documents")
+        ids = tokenizer(values, add_special_tokens=False)["input_ids"] if values else []
+        rows = [Row(seq, seq) for seq in pack(ids, tokenizer.eos_token_id, seq_len)]
+        if keep_tail:
+            used = len(rows) * seq_len
+            tail = [t for doc in ids for t in (*doc, tokenizer.eos_token_id)][used:]
+            if len(tail) > 1:
+                pad = seq_len - len(tail)
+                rows.append(Row(tail + [tokenizer.eos_token_id] * pad, tail + [IGNORE] * pad))
+        return rows
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise BadInputError("the tokenizer has neither a pad nor an EOS token to pad packed rows with")
+    return pack_examples(examples_of(records, values, tokenizer, seq_len, long_records, counts), seq_len, pad_id)
+
+
+def model_inputs(rows: list[Row], device) -> dict:
+    """A micro-batch as the model's keyword arguments. No attention mask and no cache: with
+    position ids, transformers then masks attention per packed record (module docstring)."""
+    import torch
+
+    batch = {"input_ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long, device=device),
+             "labels": torch.tensor([r.labels for r in rows], dtype=torch.long, device=device),
+             "use_cache": False}
+    if rows[0].position_ids is not None:
+        batch["position_ids"] = torch.tensor([r.position_ids for r in rows], dtype=torch.long, device=device)
+    return batch
 
 
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> list[list[int]]:

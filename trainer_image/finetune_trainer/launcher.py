@@ -73,7 +73,7 @@ def _cluster_gpus() -> int:
 def preflight(job: FineTuneJob) -> Location:
     """Checks that need no workers: a job that cannot work fails here, before any worker
     starts, with a one-line reason. Returns the checkpoint location."""
-    from .data import check_dataset
+    from .data import Records, check_dataset
     from .model_io import check_model
 
     spec = job.spec
@@ -83,7 +83,9 @@ def preflight(job: FineTuneJob) -> Location:
     check_model(spec.model.uri, spec.model.revision, settings)
     data = resolve(spec.dataset.uri, settings)
     check_bucket(data)
-    check_dataset(data, spec.dataset.format, spec.dataset.text_field)
+    check_dataset(data, spec.dataset.format, Records.of(spec.dataset))
+    if spec.dataset.eval_uri:
+        check_dataset(resolve(spec.dataset.eval_uri, settings), spec.dataset.format, Records.of(spec.dataset))
     if spec.tracking.mlflow is not None:
         check_mlflow(spec.tracking.mlflow)
     if spec.training.precision == "fp16" and spec.resources.gpus_per_worker == 0:
@@ -204,10 +206,10 @@ def with_absolute_file_uris(job: FineTuneJob) -> FineTuneJob:
     in a directory of their own, so they must get the absolute path."""
     doc = copy.deepcopy(job.document)
     changed = False
-    for section in ("model", "dataset", "checkpoint"):
-        uri = doc["spec"][section]["uri"]
-        if uri.startswith("file://") and not uri.startswith("file:///"):
-            doc["spec"][section]["uri"] = "file://" + os.path.abspath(uri[len("file://"):])
+    for section, key in (("model", "uri"), ("dataset", "uri"), ("dataset", "evalUri"), ("checkpoint", "uri")):
+        uri = doc["spec"][section].get(key)
+        if uri and uri.startswith("file://") and not uri.startswith("file:///"):
+            doc["spec"][section][key] = "file://" + os.path.abspath(uri[len("file://"):])
             changed = True
     return FineTuneJob.from_document(doc) if changed else job
 
@@ -348,8 +350,11 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
     _drain_logs()
     metrics = result.metrics or {}
     curve = draw_loss_curve(job)
+    extra = {"evalLoss": metrics["eval_loss"]} if metrics.get("eval_loss") is not None else {}
+    if curve:
+        extra["lossCurveUri"] = curve
     emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri,
-         **({"lossCurveUri": curve} if curve else {}))
+         **extra)
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
           f"final model: {job.final_model_uri}" + (f" ; loss curve: {curve}" if curve else ""), flush=True)
     return EXIT_OK

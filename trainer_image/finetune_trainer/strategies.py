@@ -8,8 +8,9 @@ the registry is exactly the strategies this trainer ships.
 The life of a strategy, as the training loop drives it:
   strategy = create(job, device)                  # reads its own spec section
   strategy.prepare(model_path, total_steps)       # model_prep.prepare_model, wrap, optimizer
-  loss = strategy.forward_backward(ids, boundary)  # per micro-batch; steps at the boundary
-  strategy.grad_norm()                            # the last step's, for the metrics
+  loss = strategy.forward_backward(batch, boundary)  # per micro-batch; steps at the boundary
+  strategy.grad_norm()                              # the last step's, for the metrics
+  loss_sum, tokens = strategy.eval_sums(batch)     # collective: the evaluation forward
   strategy.save_checkpoint(dir, tag) / load_checkpoint(dir, tag)   # this rank's shard
   strategy.final_state_dict()                     # collective: the whole model on rank 0
 """
@@ -50,9 +51,33 @@ class Strategy(ABC):
         final model)."""
 
     @abstractmethod
-    def forward_backward(self, input_ids, boundary: bool) -> float:
-        """One micro-batch: forward, backward, and at a gradient-accumulation boundary the
-        optimizer and scheduler step. Returns this rank's unscaled loss."""
+    def forward(self, batch: dict):
+        """The wrapped model's forward on one micro-batch (`data.model_inputs`: input_ids,
+        labels, and position_ids for packed records); returns the model's output."""
+
+    @abstractmethod
+    def forward_backward(self, batch: dict, boundary: bool) -> float:
+        """One micro-batch (`data.model_inputs`): forward, backward, and at a
+        gradient-accumulation boundary the optimizer and scheduler step. Returns this rank's
+        unscaled loss (the mean over the micro-batch's label tokens)."""
+
+    def eval_sums(self, batch: dict) -> tuple[float, int]:
+        """Collective. (sum of the token losses, number of label tokens) of one micro-batch,
+        without gradients and with dropout off."""
+        import torch
+
+        from .evaluation import token_loss_sums
+
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        model = self.hf_model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = self.forward(inputs)
+        finally:
+            model.train(was_training)
+        return token_loss_sums(out.logits, batch["labels"])
 
     @abstractmethod
     def learning_rate(self) -> float:

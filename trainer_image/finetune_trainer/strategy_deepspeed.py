@@ -93,10 +93,13 @@ class DeepSpeedStrategy(Strategy):
     def hf_model(self):
         return self.engine.module
 
-    def forward_backward(self, input_ids: torch.Tensor, boundary: bool) -> float:
+    def forward(self, batch: dict):
+        return self.engine(**batch)
+
+    def forward_backward(self, batch: dict, boundary: bool) -> float:
         # DeepSpeed scales the loss by 1/gradient_accumulation_steps and defers the optimizer
         # step to the boundary by itself; engine.step() on every micro-batch is the contract.
-        out = self.engine(input_ids=input_ids, labels=input_ids)
+        out = self.forward(batch)
         self.engine.backward(out.loss)
         self.engine.step()
         return float(out.loss.detach().float())

@@ -94,11 +94,14 @@ class FSDPStrategy(Strategy):
     def hf_model(self):
         return self._hf_model
 
-    def forward_backward(self, input_ids: torch.Tensor, boundary: bool) -> float:
+    def forward(self, batch: dict):
+        return self.model(**batch)
+
+    def forward_backward(self, batch: dict, boundary: bool) -> float:
         # Between boundaries skip the gradient reduce-scatter (no_sync) and accumulate locally.
         ctx = contextlib.nullcontext() if boundary else self.model.no_sync()
         with ctx:
-            out = self.model(input_ids=input_ids, labels=input_ids)
+            out = self.forward(batch)
             loss = out.loss / self.grad_accum
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

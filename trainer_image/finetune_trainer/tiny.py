@@ -1,4 +1,5 @@
-"""A tiny Llama-style model, a real tokenizer and a learnable dataset, built offline.
+"""A tiny Llama-style model, a real tokenizer with a chat template, and learnable datasets
+(text, and chat), built offline.
 
 Used by `finetune demo`-style commands and by the tests: everything is saved exactly like a
 real checkpoint (`save_pretrained`, safetensors, tokenizer.json), so the trainer loads it
@@ -13,6 +14,16 @@ import os
 import random
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>"]
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# The assistant's text and its end-of-turn token are inside {% generation %}, so transformers'
+# return_assistant_tokens_mask finds them (records.py); the role headers are prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if not loop.first %} {% endif %}"
+    "<|{{ message['role'] }}|> "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }} <|end|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }} <|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} <|assistant|>{% endif %}"
+)
 
 # A small closed world: sentences follow one grammar, so a 2-layer model learns the word
 # order (and most of the next-word distribution) within a few dozen steps.
@@ -31,17 +42,37 @@ def make_sentences(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
+def make_chats(n: int = 240, seed: int = 0) -> list[dict]:
+    """Chat records: the user says a sentence, the assistant names its subject; every third
+    record has a second turn. Learnable by attending back to the start of the user's turn."""
+    rng = random.Random(seed + 1)
+    out = []
+    for i in range(n):
+        messages = []
+        for _ in range(2 if i % 3 == 2 else 1):
+            subject = rng.choice(SUBJECTS)
+            sentence = f"{subject} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)} ."
+            messages += [{"role": "user", "content": sentence}, {"role": "assistant", "content": f"{subject} ."}]
+        out.append({"messages": messages})
+    return out
+
+
 def build_tokenizer(texts: list[str]):
-    """A word-level tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
+    """A word-level tokenizer trained on `texts`, wrapped as a transformers fast tokenizer, with
+    the chat roles as special tokens and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>", model_max_length=4096)
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS + CHAT_TOKENS,
+                                                             min_frequency=1))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>", model_max_length=4096,
+                                        extra_special_tokens=CHAT_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
@@ -63,9 +94,10 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2
 
 
 def build_tiny_assets(out_dir: str, seed: int = 0, sentences: int = 400) -> dict[str, str]:
-    """Write <out_dir>/model (HF model + tokenizer) and <out_dir>/data/train.jsonl.
+    """Write <out_dir>/model (HF model + tokenizer), <out_dir>/data/train.jsonl (text) and
+    <out_dir>/data/chat.jsonl (chat records).
 
-    Returns {"model_dir": ..., "dataset_path": ...} (absolute paths).
+    Returns {"model_dir": ..., "dataset_path": ..., "chat_path": ...} (absolute paths).
     """
     out_dir = os.path.abspath(out_dir)
     model_dir = os.path.join(out_dir, "model")
@@ -81,4 +113,8 @@ def build_tiny_assets(out_dir: str, seed: int = 0, sentences: int = 400) -> dict
     with open(dataset_path, "w") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
-    return {"model_dir": model_dir, "dataset_path": dataset_path}
+    chat_path = os.path.join(data_dir, "chat.jsonl")
+    with open(chat_path, "w") as f:
+        for record in make_chats(seed=seed):
+            f.write(json.dumps(record) + "\n")
+    return {"model_dir": model_dir, "dataset_path": dataset_path, "chat_path": chat_path}

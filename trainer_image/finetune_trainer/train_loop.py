@@ -75,6 +75,7 @@ class Trainer:
         self.loss = float("nan")
         self.metrics = None  # rank 0's metrics.Metrics, from start()
         self.step_seconds = 0.0
+        self.eval_loss: float | None = None
         self._epoch_batches: tuple[int, list] | None = None  # (epoch, its micro-batches)
 
     def run(self) -> None:
@@ -92,21 +93,19 @@ class Trainer:
     # --- setup -----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Data (this rank's documents, packed; every rank agrees on the number of batches), the
-        step plan, and the strategy with the prepared model, optimizer and schedule."""
-        from .data import load_shard, plan_steps, tokenize_and_pack
+        """Data (this rank's records, packed; every rank agrees on the number of batches; the
+        evaluation set), the step plan, and the strategy with the prepared model, optimizer
+        and schedule."""
+        from .data import plan_steps
         from .model_io import load_tokenizer, local_model_dir
-        from .storage import resolve
 
         spec, training = self.spec, self.training
         _seed_everything(training.seed)
         strategy = strategies.lookup(spec.strategy.type)  # an unknown type fails before any download
         model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
         self.tokenizer = load_tokenizer(model_path, spec.model.revision)
-        docs = load_shard(resolve(spec.dataset.uri, self.settings), spec.dataset.format, spec.dataset.text_field,
-                          self.rank, self.world)
-        self.sequences = tokenize_and_pack(docs, self.tokenizer, spec.dataset.max_seq_length)
         self.mbs, self.gas = training.micro_batch_size, training.gradient_accumulation_steps
+        self.load_data()
         n_batches = int(_all_reduce([len(self.sequences) // self.mbs], self.device, dist.ReduceOp.MIN)[0])
         self.plan = plan_steps(n_batches, self.gas, training.epochs, training.max_steps)
         if self.plan.total_steps == 0:
@@ -117,6 +116,41 @@ class Trainer:
         self.batches_per_epoch = self.plan.steps_per_epoch * self.gas
         self.strategy = strategy(self.job, self.device)
         self.strategy.prepare(model_path, self.plan.total_steps)
+
+    def load_data(self) -> None:
+        """self.sequences (this rank's training rows) and self.eval_rows (the whole evaluation
+        set's rows, the same on every rank; None without one); rank 0's `data` event."""
+        from .data import Records, build_rows, load_all, split_eval
+        from .records import Counts
+        from .storage import resolve
+
+        ds = self.spec.dataset
+        records = Records.of(ds)
+        values = load_all(resolve(ds.uri, self.settings), ds.format, records)
+        eval_values = None
+        if ds.eval_fraction is not None:
+            held_out = split_eval(len(values), ds.eval_fraction, ds.eval_seed)
+            eval_values = [v for i, v in enumerate(values) if i in held_out]
+            values = [v for i, v in enumerate(values) if i not in held_out]
+        elif ds.eval_uri is not None:
+            eval_values = load_all(resolve(ds.eval_uri, self.settings), ds.format, records)
+        counts = Counts()
+        self.sequences = build_rows(records, values[self.rank::self.world], self.tokenizer, ds.max_seq_length,
+                                    ds.long_records, counts)
+        self.eval_rows = None
+        eval_counts = Counts()
+        if eval_values is not None:
+            self.eval_rows = build_rows(records, eval_values, self.tokenizer, ds.max_seq_length, ds.long_records,
+                                        eval_counts, keep_tail=True)
+            if not self.eval_rows:
+                raise BadInputError(f"the evaluation set ({ds.eval_uri or f'evalFraction {ds.eval_fraction}'}) "
+                                    "holds no record with a token to learn")
+        total = [int(n) for n in _all_reduce(counts.as_list(), self.device)]
+        if self.rank == 0:
+            emit("data", format=records.kind, records=total[0], truncated=total[1],
+                 droppedTooLong=total[2], droppedNothingToLearn=total[3],
+                 evalRecords=eval_counts.records if eval_values is not None else 0,
+                 evalRows=len(self.eval_rows or ()), longRecords=ds.long_records)
 
     def restore(self) -> None:
         """Automatic resume: Ray Train hands back the latest complete checkpoint of this run
@@ -197,10 +231,12 @@ class Trainer:
         began = time.monotonic()
         # Steps never straddle epochs: an epoch is a whole number of steps' micro-batches.
         batches = self._batches_of(state.epoch)
+        from .data import model_inputs
+
         micro_losses: list[float] = []
         for i in range(self.gas):
-            input_ids = torch.tensor(batches[state.batch + i], dtype=torch.long, device=self.device)
-            micro_losses.append(self.strategy.forward_backward(input_ids, boundary=i == self.gas - 1))
+            batch = model_inputs(batches[state.batch + i], self.device)
+            micro_losses.append(self.strategy.forward_backward(batch, boundary=i == self.gas - 1))
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         state.batch += self.gas
@@ -222,8 +258,41 @@ class Trainer:
                                lr, force=state.step % self.spec.checkpoint.every_steps == 0)
             self.log_metrics({"loss": loss, "learning_rate": lr, "grad_norm": self.strategy.grad_norm(),
                               "tokens_per_second": self.tokens_per_step / max(self.step_seconds, 1e-9)})
+        self.maybe_evaluate()
         self.maybe_checkpoint()
         self.maybe_inject_fault()
+
+    def maybe_evaluate(self) -> None:
+        every = self.training.eval_every_steps
+        if self.eval_rows is not None and (self.state.step == self.plan.total_steps
+                                           or (every and self.state.step % every == 0)):
+            self.evaluate()
+
+    def evaluate(self) -> float:
+        """Collective: the evaluation loss over the whole evaluation set (evaluation.py), the
+        `eval` event (rank 0)."""
+        from .data import model_inputs
+        from .evaluation import rank_batches
+
+        began = time.monotonic()
+        loss_sum, tokens = 0.0, 0
+        for rows in rank_batches(self.eval_rows, self.rank, self.world, self.mbs):
+            s, n = self.strategy.eval_sums(model_inputs(rows, self.device))
+            loss_sum, tokens = loss_sum + s, tokens + n
+        total_sum, total_tokens = _all_reduce([loss_sum, float(tokens)], self.device)
+        self.eval_loss = total_sum / total_tokens
+        if self.rank == 0:
+            emit("eval", step=self.state.step, evalLoss=round(self.eval_loss, 6), evalTokens=int(total_tokens),
+                 seconds=round(time.monotonic() - began, 2))
+        self.log_metrics({"eval_loss": self.eval_loss})
+        return self.eval_loss
+
+    def reported(self) -> dict:
+        """What the loop reports to Ray Train (checkpoints and the end)."""
+        out = {"step": self.state.step, "loss": self.loss}
+        if self.eval_loss is not None:
+            out["eval_loss"] = self.eval_loss
+        return out
 
     def maybe_checkpoint(self) -> None:
         if self.state.step % self.spec.checkpoint.every_steps == 0 or self.state.step == self.plan.total_steps:
@@ -243,7 +312,7 @@ class Trainer:
         if self.metrics is not None:
             state.tracking = self.metrics.state()
         dir_name = f"checkpoint_step{state.step:08d}_{self.attempt}"
-        checkpointing.save(self.strategy, state, self.rank, self.world, {"step": state.step, "loss": self.loss},
+        checkpointing.save(self.strategy, state, self.rank, self.world, self.reported(),
                            dir_name, self.upload_mode, self.upload_fn)
         if self.metrics is not None:
             self.metrics.checkpoint(state.step)  # marks the curve, and saves the metrics so far
@@ -286,7 +355,7 @@ class Trainer:
                               resolve(self.job.final_model_uri, self.settings))
             self.close_metrics(model_uri=self.job.final_model_uri)
         dist.barrier()
-        ray.train.report({"step": self.state.step, "loss": self.loss, "model_uri": self.job.final_model_uri})
+        ray.train.report({**self.reported(), "model_uri": self.job.final_model_uri})
 
 
 def train_func(config: dict) -> None:
