@@ -44,7 +44,8 @@ def test_demo_in_a_terminal_shows_a_bar_our_lines_and_none_of_rays(ray_address, 
     bar = [line for line in lines if "] step " in line]
     assert len(bar) == 1 and "step 6/6 100%" in bar[0] and "loss " in bar[0] and "tok/s" in bar[0], shown
     assert "\r\x1b[K[" in raw  # the bar was redrawn in place
-    assert lines[-1].startswith("done in ") and lines[-1].endswith(f"final model: file://{final}"), shown
+    assert lines[-1].startswith("done in ") and lines[-1].endswith(
+        f"final model: file://{final} ; loss curve: file://{final.parent}/loss-curve.png"), shown
     for internal in ("pid=", "Ray", "WARNING", "INFO", "Traceback", '{"event"', "stalled"):
         assert internal not in shown, (internal, shown)
     assert len(lines) <= 8, shown

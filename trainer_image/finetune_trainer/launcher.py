@@ -309,6 +309,7 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
         where = os.environ.get("RAY_ADDRESS") or "this machine"
         return fail(TrainerError.reason, f"could not start or join Ray ({where}): {_one_line(exc)}",
                     EXIT_TRAINING_FAILED)
+    stopping.take_back()
 
     res = job.spec.resources
     use_gpu = res.gpus_per_worker > 0

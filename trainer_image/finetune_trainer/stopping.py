@@ -80,6 +80,14 @@ def install() -> None:
         _die_with_parent(int(parent))
 
 
+def take_back() -> None:
+    """Our handlers again, after `ray.init`: Ray's core worker installs its own failure-signal
+    handler for SIGTERM in the driver (it prints "*** SIGTERM received" and aborts, exit 134)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _on_signal)
+
+
 def shield() -> None:
     """Further signals are ignored: the stop is under way, and Ray's shutdown (which kills
     Ray's processes itself) must not be cut short and leave them behind."""
