@@ -31,7 +31,6 @@ OTHER_NAMES = {
     "Recreate", "RuntimeDefault",                           # Deployment strategy, seccomp
     "CamelCase",                                            # the word, in the CRD's text
     "HeadPodReady", "RayClusterProvisioned",                # KubeRay's RayCluster conditions
-    "Unschedulable",                                        # the scheduler's PodScheduled reason
 }
 
 
