@@ -433,9 +433,11 @@ def _cluster_blocked(obs: Observed, phase: str, reason: str, words: str) -> Deci
         msg = f"KubeRay cannot bring the RayCluster up: {words}"
     d = Decision(phase=_provisioning(phase), message=msg)
     d.conditions.append(Condition(Cond.READY, "False", reason, msg))
-    if not _has_condition(obs.status, Cond.READY, "False", reason, msg):
+    # One Event per reason: the scheduler's counts in the message change from pass to pass.
+    if not _has_condition(obs.status, Cond.READY, "False", reason):
         d.events.append(Event("Warning", reason, msg))
-    d.backoff = True
+    # Looked at every reconcile interval, not backed off: a node that joins (or a fix) is
+    # seen soon, and a look is two reads, nothing written unless the words change.
     return d
 
 

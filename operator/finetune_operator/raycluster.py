@@ -236,7 +236,7 @@ def observed_view(cluster: dict[str, Any]) -> dict[str, Any]:
     return {
         "metadata": {k: copy.deepcopy(meta[k]) for k in
                      ("name", "namespace", "uid", "labels", "ownerReferences",
-                      "deletionTimestamp") if k in meta},
+                      "creationTimestamp", "deletionTimestamp") if k in meta},
         "status": {**{k: copy.deepcopy(status[k]) for k in ("state", "reason", "head",
                                                             "endpoints") if k in status},
                    # KubeRay's conditions tell the cluster's health (observe.cluster_state).

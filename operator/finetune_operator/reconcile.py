@@ -306,18 +306,19 @@ class Reconciler:
                 (now_utc() - created).total_seconds() < BLOCKED_AFTER:
             return None
         ns = meta.get("namespace") or (world.body.get("metadata") or {}).get("namespace")
-        if not observe.conditions(cluster):
-            # KubeRay never wrote a condition: it may have refused the cluster, which it
-            # says only in an Event (its validation, before any status).
+        pods = await self.kube.list_pods(ns, f"{raycluster.RAY_CLUSTER_LABEL}={world.cluster_name}")
+        words = observe.unschedulable(pods)
+        if words:
+            return Reason.UNSCHEDULABLE, words
+        if not pods and not observe.conditions(cluster):
+            # No pod and no condition: KubeRay may have refused the cluster, which it says
+            # only in an Event (its validation runs before it writes any status).
             events = await self.kube.list_events(
                 ns, f"involvedObject.kind=RayCluster,involvedObject.name={world.cluster_name}")
             refused = observe.refusal(events, meta.get("uid"))
             if refused:
                 return Reason.CLUSTER_REFUSED, refused
-            return None
-        pods = await self.kube.list_pods(ns, f"{raycluster.RAY_CLUSTER_LABEL}={world.cluster_name}")
-        words = observe.unschedulable(pods)
-        return (Reason.UNSCHEDULABLE, words) if words else None
+        return None
 
     async def observe_ray_job(self, job: FineTuneJob, world: World, mem: JobMemory
                               ) -> tuple[RayJobState, str]:

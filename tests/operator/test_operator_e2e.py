@@ -316,12 +316,20 @@ def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kub
     assert len(creates) == 1
 
 
-def test_broken_cluster_is_recreated_and_the_run_resumes(s3_server, tiny_assets, kube, kuberay,
-                                                         ray_head, start_operator,
-                                                         s3_secret,
-                                                         tiny_job):
-    """A RayCluster that goes `failed` mid-run (head lost) is deleted and created again; the
-    attempt on it counts as a retry and the next one resumes from the checkpoint."""
+def _ray_request(ray_head, method, path):
+    req = urllib.request.Request(f"{ray_head.dashboard_url}{path}", method=method,
+                                 headers=ray_head.headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def test_lost_head_counts_as_a_failed_attempt_and_the_run_resumes(
+        s3_server, tiny_assets, kube, kuberay, ray_head, start_operator, s3_secret, tiny_job):
+    """The head pod dies mid-run, as the real KubeRay reports it (docs/install.md):
+    `HeadPodReady` False with `state` still `ready`, then a new head pod whose Ray has no
+    record of the job (the Jobs API answers 404). The attempt counts as failed (RayJobLost),
+    the next one gets a new submission id on the same RayCluster and resumes from the
+    checkpoint, and the lost attempt's log tail (as the operator last read it) is kept."""
     name = "fragile"
     s3_secret()
     start_operator()
@@ -329,21 +337,32 @@ def test_broken_cluster_is_recreated_and_the_run_resumes(s3_server, tiny_assets,
     wait_until(lambda: status(kube, name).get("checkpoint"), 240,
                what=lambda: f"a first checkpoint; last status {status(kube, name)}")
     first = status(kube, name)["rayJobId"]
-    old_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
-    # The head pod is lost: in a cluster its jobs die with it; the shared local head here
-    # outlives the "cluster", so the test ends that job itself.
-    kuberay.break_cluster(NAMESPACE, name)
-    req = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/{first}/stop",
-                                 method="POST", headers=ray_head.headers)
-    urllib.request.urlopen(req, timeout=10).close()
+    cluster_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
 
-    wait_until(lambda: (kube.get_or_none(*RC, name, NAMESPACE) or {}).get("metadata", {})
-               .get("uid") not in (None, old_uid), 60, what="a new RayCluster")
+    kuberay.lose_head(NAMESPACE, name)
+    down = wait_until(lambda: (lambda st: st if condition(st, "Ready").get("reason")
+                               == "HeadNotReady" else None)(status(kube, name)), 60,
+                      what=lambda: f"HeadNotReady; last status {status(kube, name)}")
+    assert down["phase"] == "Running" and down.get("retries", 0) == 0  # nothing counted yet
+    # The job dies with the head, and the new head knows nothing of it: the shared local head
+    # here outlives the "pod", so the test ends the job and removes Ray's record of it.
+    _ray_request(ray_head, "POST", f"/api/jobs/{first}/stop")
+    wait_until(lambda: _ray_request(ray_head, "GET", f"/api/jobs/{first}")["status"]
+               in ("STOPPED", "FAILED", "SUCCEEDED"), 60, what="the first attempt to stop")
+    _ray_request(ray_head, "DELETE", f"/api/jobs/{first}")
+    kuberay.replace_head(NAMESPACE, name)
+
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
     assert st["phase"] == "Succeeded", st
     assert st["retries"] == 1 and st["rayJobId"].endswith("-a2")
     assert started_event(ray_head, st["rayJobId"])["resumedFromStep"] > 0
-    assert "ClusterFailed" in [e["reason"] for e in events_of(kube, name)]
+    lost = [e for e in events_of(kube, name) if e["reason"] == "RayJobLost"]
+    assert len(lost) == 1 and first in lost[0]["message"], lost
+    # The lost attempt's log: the tail the operator had read, with the trainer's own events.
+    assert '"event"' in st["logTail"]
+    # Recovered on the same RayCluster (KubeRay replaced the head): nothing recreated.
+    assert [obj["metadata"]["uid"] for event, obj in kube.history(*RC)
+            if event == "ADDED" and obj["metadata"]["name"] == name] == [cluster_uid]
 
 
 def test_hot_standby_does_nothing_while_the_leader_runs(kube, kuberay, start_operator, tiny_job):

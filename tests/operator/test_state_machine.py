@@ -234,7 +234,8 @@ def test_a_job_not_yet_submitted_is_submitted_not_counted():
 
 def test_blocked_cluster_says_why_once_and_backs_off():
     d = decide(obs({"phase": "Provisioning"}, cluster=C.PROVISIONING, blocked=UNSCHEDULABLE))
-    assert d.backoff and not d.actions and "retries" not in d.status
+    assert not d.backoff and d.requeue_after is None  # the reconcile interval: a node may join
+    assert not d.actions and "retries" not in d.status
     assert UNSCHEDULABLE[1] in d.conditions[0].message
     assert [(e.type, e.reason) for e in d.events] == [("Warning", Reason.UNSCHEDULABLE)]
     ready = {"type": "Ready", "status": "False", "reason": d.conditions[0].reason,
