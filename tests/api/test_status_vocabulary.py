@@ -31,6 +31,10 @@ OTHER_NAMES = {
     "Recreate", "RuntimeDefault",                           # Deployment strategy, seccomp
     "CamelCase",                                            # the word, in the CRD's text
     "HeadPodReady", "RayClusterProvisioned",                # KubeRay's RayCluster conditions
+    "ReplicaFailure", "FailedCreateHeadPod", "FailedCreateWorkerPod",
+    "InvalidRayClusterSpec", "InvalidRayClusterMetadata",   # KubeRay's Event reasons
+    "PodScheduled", "FailedScheduling",                     # the scheduler's words
+    "PriorityClass",                                        # a Kubernetes kind
 }
 
 
