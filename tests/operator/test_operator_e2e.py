@@ -211,11 +211,16 @@ def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kub
                                                 start_operator, s3_secret,
                                                 tiny_job):
     """(2) the first attempt crashes after its first checkpoint -> Retrying -> the second
-    attempt resumes from it -> Succeeded with status.retries == 1."""
+    attempt resumes from it -> Succeeded with status.retries == 1. The operator is replaced
+    as soon as the retry is counted: the new one neither counts it again nor submits twice."""
     name = "flaky"
     s3_secret()
-    start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
+    first_op = start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
     kube.create(tiny_job(name), "finetunejobs")
+    wait_until(lambda: status(kube, name).get("retries"), 300,
+               what=lambda: f"the first retry; last status {status(kube, name)}")
+    first_op.stop()
+    start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 400)
     assert st["phase"] == "Succeeded", st
     assert st["retries"] == 1
@@ -226,7 +231,10 @@ def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kub
     assert st["logUri"].endswith(f"/{name}/logs/{first}.log") and st["logTail"]
     resumed = started_event(ray_head, st["rayJobId"])
     assert resumed["resumedFromStep"] == 2
-    assert "AttemptFailed" in [e["reason"] for e in events_of(kube, name)]
+    assert [e["reason"] for e in events_of(kube, name)].count("AttemptFailed") == 1
+    # The retry ran on the same RayCluster: one created, none recreated.
+    assert len([obj for event, obj in kube.history(*RC)
+                if event == "ADDED" and obj["metadata"]["name"] == name]) == 1
 
 
 def started_event(ray_head, submission_id):
@@ -287,12 +295,19 @@ def test_suspend_and_resume_continue_from_checkpoint(s3_server, tiny_assets, kub
 def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kube, kuberay,
                                                      ray_head, start_operator,
                                                      s3_secret, tiny_job):
-    """(5) the operator is stopped mid-run and a new one takes over: no second RayCluster,
-    no second submission, and the job still succeeds."""
+    """(5) the operator is stopped while the job is Provisioning, and again mid-run, and a
+    new one takes over each time: no second RayCluster, no second submission, and the job
+    still succeeds."""
     name = "phoenix"
     s3_secret()
-    first_op = start_operator()
+    provisioning_op = start_operator()
     kube.create(tiny_job(name), "finetunejobs")
+    wait_phase(kube, name, ("Provisioning", "Running"), 60)
+    # (Events are posted in the background: the one that says the cluster is being created.)
+    wait_until(lambda: "ClusterCreating" in [e["reason"] for e in events_of(kube, name)], 30,
+               what="the ClusterCreating Event")
+    provisioning_op.stop()
+    first_op = start_operator()
     wait_phase(kube, name, "Running", 180)
     cluster_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
     submissions = list(ray_jobs(ray_head, name))
@@ -301,7 +316,7 @@ def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kub
     start_operator()
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
     assert st["phase"] == "Succeeded", st
-    # One submission, the first operator's, run to the end.
+    # One submission, run to the end.
     assert submissions == list(ray_jobs(ray_head, name)) == [st["rayJobId"]]
     assert st.get("retries", 0) == 0
     # The same cluster to the end: the API server saw one RayCluster of this name come into
