@@ -116,14 +116,18 @@ def cluster_wants_token(cluster: dict[str, Any]) -> bool:
 
 
 def _health(cluster: dict[str, Any] | None) -> tuple[Any, ...]:
-    """What of a RayCluster, changed, is worth a pass at once: KubeRay's state and the
-    status of its conditions (the head going down or up, a replica failure)."""
+    """What of a RayCluster, changed, is worth a pass at once: KubeRay reporting it ready (or
+    suspended), its head going down or coming back once it was up, a replica failure. Not
+    its first conditions while it comes up: a pass then would only rewrite the job's
+    Ready reason, one more status write for every new job."""
     if cluster is None:
-        return (None,)
-    status = cluster.get("status") or {}
-    return (status.get("state"),
-            tuple(sorted((c.get("type"), c.get("status")) for c in status.get("conditions")
-                         or [])))
+        return (None, None, False)
+    state = (cluster.get("status") or {}).get("state")
+    conds = observe.conditions(cluster)
+    provisioned = (conds.get(observe.PROVISIONED) or {}).get("status") == "True"
+    head = (conds.get(observe.HEAD_POD_READY) or {}).get("status") if provisioned else None
+    return (state if state in ("ready", "suspended") else None, head,
+            bool(observe.replica_failure(cluster)))
 
 
 def now_utc() -> datetime:

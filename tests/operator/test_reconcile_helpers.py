@@ -259,3 +259,35 @@ def test_operator_registers_no_change_handlers():
     registry = build_registry()
     assert list(registry._changing._handlers) == []
     assert NoDiffBase().build(body={"spec": {}}) is None
+
+
+def test_cluster_watch_wakes_a_job_for_what_changes_its_decision():
+    from finetune_operator.kube import KubeClient
+    from finetune_operator.reconcile import Reconciler
+    from finetune_operator.settings import Settings
+
+    reconciler = Reconciler(Settings(), KubeClient(None), http=None)
+    mem = reconciler.mem("ns/llama")
+
+    def event(kind="MODIFIED", state=None, head=None, provisioned=None, failure=False):
+        conditions = [{"type": t, "status": v} for t, v in
+                      (("HeadPodReady", head), ("RayClusterProvisioned", provisioned)) if v]
+        if failure:
+            conditions.append({"type": "ReplicaFailure", "status": "True",
+                               "reason": "FailedCreateHeadPod", "message": "refused"})
+        mem.wake.clear()
+        reconciler.cluster_event(kind, {
+            "metadata": {"name": "llama", "namespace": "ns",
+                         "labels": {"finetune.dev/job": "llama"}},
+            "status": {"state": state, "conditions": conditions} if state or conditions
+            else {}})
+        return mem.wake.is_set()
+
+    assert not event("ADDED")                                   # created: nothing to do yet
+    assert not event(head="False", provisioned="False")         # KubeRay's first conditions
+    assert event(failure=True)                                  # pods refused: say so
+    assert event(state="ready", head="True", provisioned="True")
+    assert not event(state="ready", head="True", provisioned="True")  # a repeat
+    assert event(state="ready", head="False", provisioned="True")    # the head went down
+    assert event(state="ready", head="True", provisioned="True")     # and came back
+    assert event("DELETED")
