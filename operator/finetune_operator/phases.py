@@ -528,7 +528,7 @@ def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) 
             # the same id again (its log and outcome are gone with the old head).
             return _attempt_failed(obs, sub_id, retries, Reason.RAY_JOB_LOST,
                                    "the RayCluster's head restarted and no longer knows "
-                                   "the Ray job")
+                                   f"Ray job {sub_id}")
         case RayJobState.NOT_FOUND:
             if obs.spec_to_store is not None:
                 # The spec a run starts from is stored before the run is submitted (a pass
