@@ -21,7 +21,9 @@ PHASES = Phase.words()
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 # A Kubernetes resource quantity, as the API server's own regex for `quantity` has it.
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A DNS-1035 label (a letter first): KubeRay >= 1.5 refuses RayCluster names that are not
+# (its ValidateRayClusterMetadata; the cluster is then never reconciled, only an Event says so).
+DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # The job's name is its RayCluster's, and KubeRay derives Service and pod names (DNS labels of
 # at most 63 characters) from it; the API server adds 5 characters to a generateName.
 MAX_NAME_LENGTH = 45
@@ -489,12 +491,13 @@ ROOT_RULES = (
     rule(f"!has(self.metadata.name) || (size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
          f"self.metadata.name.matches('{DNS_LABEL_PATTERN}'))",
          f"must be no more than {MAX_NAME_LENGTH} characters of lower-case letters, digits "
-         "and '-', starting and ending with a letter or digit (it names the RayCluster, its "
-         "Services and pods)", ".metadata.name"),
+         "and '-', starting with a letter and ending with a letter or digit (it names the "
+         "RayCluster, which KubeRay requires to be a DNS-1035 label, its Services and pods)",
+         ".metadata.name"),
     rule("has(self.metadata.name) || !has(self.metadata.generateName) || "
          f"(size(self.metadata.generateName) <= {MAX_GENERATE_NAME_LENGTH} && "
-         "self.metadata.generateName.matches('^[a-z0-9][-a-z0-9]*$'))",
-         f"must be lower-case letters, digits and '-', starting with a letter or digit, and "
+         "self.metadata.generateName.matches('^[a-z][-a-z0-9]*$'))",
+         f"must be lower-case letters, digits and '-', starting with a letter, and "
          f"at most {MAX_GENERATE_NAME_LENGTH} characters (the API server adds 5 to make the "
          "name)", ".metadata.generateName"),
 )

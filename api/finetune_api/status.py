@@ -78,10 +78,19 @@ class Reason(Vocabulary):
     CLUSTER_PROVISIONING = "ClusterProvisioning", (
         "The RayCluster exists; KubeRay has not reported it ready yet.")
     CLUSTER_READY = "ClusterReady", "The RayCluster is ready."
-    CLUSTER_FAILED = "ClusterFailed", (
-        "KubeRay reported the RayCluster failed: deleted and created again.")
+    UNSCHEDULABLE = "Unschedulable", (
+        "A pod of the RayCluster cannot be scheduled (the message is the scheduler's); "
+        "waiting for a node that fits, nothing is retried.")
+    CLUSTER_REFUSED = "ClusterRefused", (
+        "KubeRay refused the RayCluster or cannot create its pods (the message is KubeRay's); "
+        "waiting for a fix, nothing is retried.")
+    HEAD_NOT_READY = "HeadNotReady", (
+        "The RayCluster's head pod is not ready (restarting, or being replaced by KubeRay).")
     CLUSTER_LOST = "ClusterLost", (
         "The RayCluster of a running attempt is gone: the attempt counts as failed.")
+    RAY_JOB_LOST = "RayJobLost", (
+        "The RayCluster no longer knows the submitted Ray job (its head restarted): the "
+        "attempt counts as failed.")
     CLUSTER_NAME_CONFLICT = "ClusterNameConflict", (
         "A RayCluster of the job's name exists and is not the job's.")
     DASHBOARD_UNREACHABLE = "DashboardUnreachable", (

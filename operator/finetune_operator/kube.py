@@ -138,6 +138,17 @@ class KubeClient:
     async def delete_raycluster(self, namespace: str, name: str) -> bool:
         return await self._delete(self._ray(namespace, name))
 
+    # What KubeRay and the scheduler say about a RayCluster that does not come up.
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        data = await self._request("GET", self._core(namespace, "pods"),
+                                   params={"labelSelector": label_selector})
+        return (data or {}).get("items") or []
+
+    async def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        data = await self._request("GET", self._core(namespace, "events"),
+                                   params={"fieldSelector": field_selector})
+        return (data or {}).get("items") or []
+
     # Secrets.
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(self._core(namespace, "secrets", name))

@@ -13,7 +13,8 @@ from typing import Any
 from finetune_api.status import Phase
 
 from .phases import ClusterState
-from .raycluster import DASHBOARD_PORT
+from .kube import secret_value
+from .raycluster import AUTH_TOKEN_KEY, DASHBOARD_PORT
 from .settings import JOB_LABEL
 
 # Fields a running job may change: everything else is fixed once the run started.
@@ -75,6 +76,20 @@ def job_document(body: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# KubeRay's RayCluster conditions (>= 1.2; it never writes `state: failed` any more).
+HEAD_POD_READY = "HeadPodReady"
+PROVISIONED = "RayClusterProvisioned"
+REPLICA_FAILURE = "ReplicaFailure"
+# KubeRay's Event reasons for a RayCluster it refuses to reconcile (validation, no status).
+REFUSAL_EVENTS = ("InvalidRayClusterMetadata", "InvalidRayClusterSpec",
+                  "InvalidRayClusterStatus")
+
+
+def conditions(cluster: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {c.get("type"): c for c in ((cluster or {}).get("status") or {}).get("conditions")
+            or []}
+
+
 def cluster_state(cluster: dict[str, Any] | None, job_name: str, job_uid: str | None
                   ) -> ClusterState:
     """What a RayCluster of the job's name is to the job."""
@@ -87,12 +102,66 @@ def cluster_state(cluster: dict[str, Any] | None, job_name: str, job_uid: str | 
     if meta.get("deletionTimestamp"):
         # Going away: wait for it to be gone before creating the next one.
         return ClusterState.PROVISIONING
+    conds = conditions(cluster)
+    head = conds.get(HEAD_POD_READY)
+    if head is not None and head.get("status") != "True":
+        # `state` stays `ready` when the head dies (restarted in its pod, or replaced by a
+        # new pod): the condition is what tells. Before the cluster was ever up it is only
+        # still coming up.
+        if (conds.get(PROVISIONED) or {}).get("status") == "True":
+            return ClusterState.HEAD_DOWN
+        return ClusterState.PROVISIONING
     state = ((cluster.get("status") or {}).get("state") or "").lower()
     if state == "ready":
         return ClusterState.READY
-    if state == "failed":
-        return ClusterState.FAILED
     return ClusterState.PROVISIONING
+
+
+def head_trouble(cluster: dict[str, Any]) -> str:
+    """KubeRay's words on a head that is not ready."""
+    head = conditions(cluster).get(HEAD_POD_READY) or {}
+    return ": ".join(w for w in (head.get("reason"), head.get("message")) if w)
+
+
+def replica_failure(cluster: dict[str, Any] | None) -> str:
+    """KubeRay's ReplicaFailure condition (it could not create or delete a pod), or ""."""
+    failure = conditions(cluster).get(REPLICA_FAILURE) or {}
+    if failure.get("status") != "True":
+        return ""
+    return ": ".join(w for w in (failure.get("reason"), failure.get("message")) if w)
+
+
+def unschedulable(pods: list[dict[str, Any]]) -> str:
+    """The scheduler's own words on the first pod of the cluster it cannot place, or ""."""
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name") or ""):
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" \
+                    and c.get("reason") == "Unschedulable":
+                return f"pod {pod['metadata'].get('name')}: {c.get('message') or 'Unschedulable'}"
+    return ""
+
+
+def refusal(events: list[dict[str, Any]], cluster_uid: str | None) -> str:
+    """KubeRay's latest Event refusing this RayCluster (by uid: not an earlier one's), or ""."""
+    mine = [e for e in events if e.get("reason") in REFUSAL_EVENTS
+            and (e.get("involvedObject") or {}).get("uid") == cluster_uid]
+    if not mine:
+        return ""
+    last = max(mine, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return f"{last.get('reason')}: {last.get('message') or ''}".strip()
+
+
+def cluster_token(secret: dict[str, Any] | None, cluster: dict[str, Any]) -> str | None:
+    """The auth token KubeRay generated for this very RayCluster: its Secret is owned by the
+    cluster. A Secret owned by another uid is an earlier cluster's of the same name, which
+    the garbage collector has not removed yet: its token is never sent to the new one."""
+    if secret is None:
+        return None
+    uid = (cluster.get("metadata") or {}).get("uid")
+    owners = (secret.get("metadata") or {}).get("ownerReferences") or []
+    if not any(o.get("uid") == uid for o in owners):
+        return None
+    return secret_value(secret, AUTH_TOKEN_KEY)
 
 
 def dashboard_url(cluster: dict[str, Any], host: str | None = None) -> str | None:

@@ -42,7 +42,7 @@ class ClusterState(enum.Enum):
     ABSENT = "absent"
     PROVISIONING = "provisioning"   # exists, KubeRay has not reported `ready` yet
     READY = "ready"
-    FAILED = "failed"
+    HEAD_DOWN = "head-down"         # was up; KubeRay reports its head pod not ready
     FOREIGN = "foreign"             # a RayCluster of that name that is not this job's
 
 
@@ -92,6 +92,11 @@ class Observed:
     invalid_spec: str = ""
     # metadata.deletionTimestamp is set: the job is going away.
     deleting: bool = False
+    # Why a RayCluster that is not ready cannot come up, as (reason, the other system's
+    # words): its pods unschedulable (the scheduler's), or refused by KubeRay (KubeRay's).
+    blocked: tuple[str, str] | None = None
+    # KubeRay's words on a head that went down (ClusterState.HEAD_DOWN).
+    head_trouble: str = ""
 
 
 # Actions: small records the reconciler executes in order.
@@ -393,47 +398,71 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
                 d.events.append(Event("Warning", Reason.CLUSTER_NAME_CONFLICT, msg))
             d.backoff = True
             return d
-        case ClusterState.ABSENT | ClusterState.FAILED:
+        case ClusterState.ABSENT:
             return _cluster_gone(obs, phase, sub_id, retries)
         case ClusterState.PROVISIONING:
+            if obs.blocked is not None:
+                return _cluster_blocked(obs, phase, *obs.blocked)
             msg = "Waiting for the RayCluster to become ready"
             d = Decision(phase=_provisioning(phase), message=msg)
             d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_PROVISIONING,
                                           msg))
             return d
+        case ClusterState.HEAD_DOWN:
+            # Not yet a failed attempt: a head that comes back with the job still known (a
+            # readiness probe that timed out) lost nothing. A head whose Ray forgot the job
+            # is found out when it is ready again (_cluster_ready, RayJobLost).
+            msg = "The RayCluster's head pod is not ready; waiting for KubeRay to restore it"
+            detail = msg + (f" ({obs.head_trouble})" if obs.head_trouble else "")
+            d = Decision(phase=phase if phase != Phase.PENDING else Phase.PROVISIONING,
+                         message=msg)
+            d.conditions.append(Condition(Cond.READY, "False", Reason.HEAD_NOT_READY, detail))
+            if not _has_condition(status, Cond.READY, "False", Reason.HEAD_NOT_READY):
+                d.events.append(Event("Warning", Reason.HEAD_NOT_READY, detail))
+            return d
     return _cluster_ready(obs, phase, sub_id, retries)
 
 
+def _cluster_blocked(obs: Observed, phase: str, reason: str, words: str) -> Decision:
+    """The RayCluster cannot come up (unschedulable pods, refused by KubeRay): say why in the
+    other system's words and wait. Nothing is deleted or retried (a node that fits, or a fix,
+    lets it proceed by itself); no attempt ran, so none is counted."""
+    if reason == Reason.UNSCHEDULABLE:
+        msg = f"The RayCluster's pods cannot be scheduled; waiting for a node that fits: {words}"
+    else:
+        msg = f"KubeRay cannot bring the RayCluster up: {words}"
+    d = Decision(phase=_provisioning(phase), message=msg)
+    d.conditions.append(Condition(Cond.READY, "False", reason, msg))
+    # One Event per reason: the scheduler's counts in the message change from pass to pass.
+    if not _has_condition(obs.status, Cond.READY, "False", reason):
+        d.events.append(Event("Warning", reason, msg))
+    # Looked at every reconcile interval, not backed off: a node that joins (or a fix) is
+    # seen soon, and a look is two reads, nothing written unless the words change.
+    return d
+
+
 def _cluster_gone(obs: Observed, phase: str, sub_id: str | None, retries: int) -> Decision:
-    """No usable RayCluster: create one (deleting a failed one first)."""
+    """No RayCluster: create one. An attempt that was submitted to the one that went is lost."""
     job = obs.job
-    failed = obs.cluster == ClusterState.FAILED
-    actions: list[Action] = [DeleteCluster()] if failed else [CreateCluster()]
+    actions: list[Action] = [CreateCluster()]
     # An attempt that was running on the lost cluster is lost with it and counts as a
     # failed attempt, so a cluster that keeps breaking ends in Failed, not in a loop.
     lost_attempt = phase in (Phase.RUNNING, Phase.PROVISIONING, Phase.RETRYING) \
         and sub_id is not None and status_submitted(obs.status)
     if lost_attempt:
-        reason = Reason.CLUSTER_FAILED if failed else Reason.CLUSTER_LOST
+        reason = Reason.CLUSTER_LOST
         if retries >= job.spec.run_policy.backoff_limit:
-            msg = (f"The RayCluster was {'broken' if failed else 'lost'} and the backoff "
-                   f"limit ({job.spec.run_policy.backoff_limit}) is reached")
+            msg = (f"The RayCluster was lost and the backoff limit "
+                   f"({job.spec.run_policy.backoff_limit}) is reached")
             return _finish(obs, Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
-        msg = (f"The RayCluster was {'broken' if failed else 'lost'} during attempt "
-               f"{attempt_of(sub_id)}; recreating it and retrying")
+        msg = (f"The RayCluster was lost during attempt {attempt_of(sub_id)}; recreating it "
+               "and retrying")
         d = Decision(phase=Phase.RETRYING, message=msg, actions=actions)
         d.status.update(retries=retries + 1, rayJobId=next_submission_id(job, sub_id))
         d.conditions += [Condition(Cond.READY, "False", reason, msg),
                          Condition(Cond.RUNNING, "False", reason, msg),
                          Condition(Cond.SUBMITTED, "False", reason, msg)]
         d.events.append(Event("Warning", reason, msg))
-        return d
-    if failed:
-        msg = "The RayCluster failed; deleting it to create it again"
-        d = Decision(phase=phase if phase != Phase.PENDING else Phase.PROVISIONING, message=msg,
-                     actions=actions)
-        d.conditions.append(Condition(Cond.READY, "False", Reason.CLUSTER_FAILED, msg))
-        d.events.append(Event("Warning", Reason.CLUSTER_FAILED, msg))
         return d
     msg = "Creating the RayCluster"
     d = Decision(phase=_provisioning(phase), message=msg,
@@ -491,6 +520,15 @@ def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) 
                 d.events.append(Event("Warning", Reason.DASHBOARD_UNREACHABLE, msg))
             d.backoff = True
             return d
+        case RayJobState.NOT_FOUND if status_submitted(status) \
+                and status.get("rayJobId") == sub_id:
+            # Submitted, and the cluster's Ray has no record of it: its head restarted
+            # (KubeRay restarts the container or replaces the pod; Ray without GCS fault
+            # tolerance forgets every job). A failed attempt, counted like any other; never
+            # the same id again (its log and outcome are gone with the old head).
+            return _attempt_failed(obs, sub_id, retries, Reason.RAY_JOB_LOST,
+                                   "the RayCluster's head restarted and no longer knows "
+                                   f"Ray job {sub_id}")
         case RayJobState.NOT_FOUND:
             if obs.spec_to_store is not None:
                 # The spec a run starts from is stored before the run is submitted (a pass
@@ -528,12 +566,20 @@ def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) 
     # FAILED or STOPPED (stopped by someone else: the operator stops jobs only when it
     # leaves the active phases, so a STOPPED job here was not its doing).
     detail = obs.failure_message or obs.ray_job_message or obs.ray_job.value
-    limit = job.spec.run_policy.backoff_limit
     refused = not_retryable(obs.exit_code)
     if refused is not None:
         reason = refused.reason
         msg = f"The trainer refused the job ({reason}), retrying cannot help: {detail}"
         return _finish(obs, Phase.FAILED, reason, msg, [SaveLog(sub_id)])
+    return _attempt_failed(obs, sub_id, retries, Reason.ATTEMPT_FAILED, detail)
+
+
+def _attempt_failed(obs: Observed, sub_id: str, retries: int, reason: str,
+                    detail: str) -> Decision:
+    """A failed attempt: the next one (a new submission id, resuming from the latest
+    checkpoint) while runPolicy.backoffLimit allows, Failed after that; its log is kept."""
+    job = obs.job
+    limit = job.spec.run_policy.backoff_limit
     if retries >= limit:
         msg = (f"Attempt {attempt_of(sub_id)} failed and the backoff limit ({limit}) is "
                f"reached: {detail}")
@@ -545,8 +591,8 @@ def _cluster_ready(obs: Observed, phase: str, sub_id: str | None, retries: int) 
     d = Decision(phase=Phase.RETRYING, message=msg,
                  actions=[SaveLog(sub_id)])
     d.status.update(retries=retries + 1, rayJobId=next_id)
-    d.conditions += [Condition(Cond.RUNNING, "False", Reason.ATTEMPT_FAILED, msg),
-                     Condition(Cond.SUBMITTED, "False", Reason.ATTEMPT_FAILED, msg)]
-    d.events.append(Event("Warning", Reason.ATTEMPT_FAILED, msg))
+    d.conditions += [Condition(Cond.RUNNING, "False", reason, msg),
+                     Condition(Cond.SUBMITTED, "False", reason, msg)]
+    d.events.append(Event("Warning", reason, msg))
     d.requeue_after = 0.0
     return d

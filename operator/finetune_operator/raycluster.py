@@ -1,8 +1,10 @@
 """Pure builders: a FineTuneJob in, the KubeRay RayCluster out.
 
 Nothing here talks to the API; `reconcile.py` creates what these return and `render.py`
-prints it, the same object: the RayCluster carries everything `kopf.adopt` would add (the
-job's namespace, its labels, the owner reference), so adopting it changes nothing. The RayCluster follows KubeRay's `ray.io/v1` CRD:
+prints it, the same object, byte for byte: it carries the job's namespace, every label of
+the job and the owner reference (what `kopf.adopt` would add; the operator does not call it,
+so nothing is added between render and create). The RayCluster follows KubeRay's `ray.io/v1`
+CRD:
 one head group that only hosts the dashboard and the job driver, one fixed-size worker
 group that trains.
 """
@@ -30,6 +32,8 @@ CLIENT_PORT = 10001
 # KubeRay's token auth keeps the token under this key of the Secret it generates.
 AUTH_TOKEN_KEY = "auth_token"
 GPU_RESOURCE = "nvidia.com/gpu"
+# The label KubeRay puts on every pod of a RayCluster (and on its token Secret).
+RAY_CLUSTER_LABEL = "ray.io/cluster"
 
 
 def cluster_name(job: FineTuneJob) -> str:
@@ -38,10 +42,22 @@ def cluster_name(job: FineTuneJob) -> str:
     return job.name
 
 
+def check_name(name: str) -> str:
+    """KubeRay's utils.CheckName, which names the token Secret after the RayCluster: at most
+    50 characters (the start cut off), no leading digit or punctuation (replaced by `r`).
+    The job names the validator admits (a letter first, at most 45 characters) pass
+    unchanged; KubeRay refuses other RayCluster names anyway (ValidateRayClusterMetadata)."""
+    if len(name) > 50:
+        name = name[len(name) - 50:]
+    if name and not name[0].isalpha():
+        name = "r" + name[1:]
+    return name
+
+
 def auth_secret_name(job: FineTuneJob) -> str:
     """The Secret KubeRay generates for `authOptions: {mode: token}`: named after the
-    RayCluster and owned by it (KubeRay >= 1.5.1)."""
-    return cluster_name(job)
+    RayCluster (CheckName) and owned by it (KubeRay >= 1.5.1)."""
+    return check_name(cluster_name(job))
 
 
 def job_labels(job: FineTuneJob) -> dict[str, str]:
@@ -232,7 +248,10 @@ def observed_view(cluster: dict[str, Any]) -> dict[str, Any]:
     return {
         "metadata": {k: copy.deepcopy(meta[k]) for k in
                      ("name", "namespace", "uid", "labels", "ownerReferences",
-                      "deletionTimestamp") if k in meta},
-        "status": {k: copy.deepcopy(status[k]) for k in ("state", "reason", "head", "endpoints")
-                   if k in status},
+                      "creationTimestamp", "deletionTimestamp") if k in meta},
+        "status": {**{k: copy.deepcopy(status[k]) for k in ("state", "reason", "head",
+                                                            "endpoints") if k in status},
+                   # KubeRay's conditions tell the cluster's health (observe.cluster_state).
+                   "conditions": [{k: c[k] for k in ("type", "status", "reason", "message")
+                                   if k in c} for c in status.get("conditions") or []]},
     }

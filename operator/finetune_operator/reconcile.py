@@ -27,7 +27,7 @@ import aiohttp
 import kopf
 
 from finetune_api.model import FineTuneJob
-from finetune_api.status import FINISHED, JOB_ENV, Phase, S3Secret
+from finetune_api.status import FINISHED, JOB_ENV, Phase, Reason, S3Secret
 from finetune_api.validation import ValidationError
 
 from . import observe, phases, raycluster, tracking
@@ -46,12 +46,22 @@ logger = logging.getLogger("finetune_operator")
 # Attempts of a deleted job's clean-up before the job is let go (its children carry owner
 # references: Kubernetes' garbage collector deletes them then).
 CLEANUP_ATTEMPTS = 5
+# Seconds a RayCluster may take to come up before its pods and KubeRay's Events are read for
+# why it does not: the scheduler and KubeRay answer within a second or two, and a young
+# cluster's passes (every new job's) read nothing more than the cluster.
+BLOCKED_AFTER = 5.0
 
 
 @dataclass
 class JobMemory:
     cursor: tracking.LogCursor | None = None
+    # The Ray auth token and the uid of the RayCluster it belongs to: a recreated cluster
+    # (same name, new uid) has a new token, and the old one is never sent to it.
     token: str | None = None
+    token_uid: str | None = None
+    # The tail of the current attempt's log as last read (submission id, text): what is
+    # kept of an attempt whose Ray job the cluster forgot (RayJobLost) with its log.
+    log_tail: tuple[str, str] | None = None
     backoff_reason: str | None = None
     backoff_delay: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -96,6 +106,28 @@ class World:
     tracked: tracking.Tracked = field(default_factory=tracking.Tracked)
     # Status fields that executing the decision produced (a failed attempt's log).
     produced: dict[str, Any] = field(default_factory=dict)
+
+
+def cluster_wants_token(cluster: dict[str, Any]) -> bool:
+    """Whether the RayCluster runs Ray with token auth (the operator's always do; the
+    observed view of the watch keeps no spec, and such a cluster is the operator's)."""
+    auth = (cluster.get("spec") or {}).get("authOptions", {"mode": "token"})
+    return (auth or {}).get("mode", "token") == "token"
+
+
+def _health(cluster: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What of a RayCluster, changed, is worth a pass at once: KubeRay reporting it ready (or
+    suspended), its head going down or coming back once it was up, a replica failure. Not
+    its first conditions while it comes up: a pass then would only rewrite the job's
+    Ready reason, one more status write for every new job."""
+    if cluster is None:
+        return (None, None, False)
+    state = (cluster.get("status") or {}).get("state")
+    conds = observe.conditions(cluster)
+    provisioned = (conds.get(observe.PROVISIONED) or {}).get("status") == "True"
+    head = (conds.get(observe.HEAD_POD_READY) or {}).get("status") if provisioned else None
+    return (state if state in ("ready", "suspended") else None, head,
+            bool(observe.replica_failure(cluster)))
 
 
 def now_utc() -> datetime:
@@ -203,6 +235,10 @@ class Reconciler:
             secret = await self.observe_secret(job)
         world.cluster = await self.observe_cluster(world, mem, fresh=deleting)
         cluster = observe.cluster_state(world.cluster, meta.get("name"), meta.get("uid"))
+        blocked = None
+        if job is not None and phase not in FINISHED and not deleting \
+                and cluster == ClusterState.PROVISIONING:
+            blocked = await self.observe_blocked(world)
         ray_state, ray_message = RayJobState.UNKNOWN, ""
         if job is not None and phase not in FINISHED and not deleting \
                 and cluster == ClusterState.READY:
@@ -212,7 +248,10 @@ class Reconciler:
             cluster=cluster, ray_job=ray_state, ray_job_message=ray_message,
             rejected_fields=rejected,
             exit_code=world.ray_info.driver_exit_code if world.ray_info else None,
-            failure_message=world.tracked.failure, spec_to_store=to_store, deleting=deleting)
+            failure_message=world.tracked.failure, spec_to_store=to_store, deleting=deleting,
+            blocked=blocked,
+            head_trouble=observe.head_trouble(world.cluster)
+            if cluster == ClusterState.HEAD_DOWN else "")
         return world
 
     def parse(self, body: dict[str, Any], spec: dict[str, Any], mem: JobMemory
@@ -254,6 +293,37 @@ class Reconciler:
             return None
         return await self.kube.get_raycluster(meta.get("namespace"), world.cluster_name)
 
+    async def observe_blocked(self, world: World) -> tuple[str, str] | None:
+        """Why a RayCluster that is not ready cannot come up, if it cannot: KubeRay's
+        ReplicaFailure condition, its pods unschedulable (the scheduler's PodScheduled
+        message), or KubeRay's Event refusing it. The pods and Events are read only once the
+        cluster had time to come up (BLOCKED_AFTER), not on every young cluster's pass."""
+        cluster = world.cluster
+        if cluster is None or (cluster.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        failure = observe.replica_failure(cluster)
+        if failure:
+            return Reason.CLUSTER_REFUSED, failure
+        meta = cluster.get("metadata") or {}
+        created = phases.parse_time(meta.get("creationTimestamp"))
+        if created is not None and \
+                (now_utc() - created).total_seconds() < BLOCKED_AFTER:
+            return None
+        ns = meta.get("namespace") or (world.body.get("metadata") or {}).get("namespace")
+        pods = await self.kube.list_pods(ns, f"{raycluster.RAY_CLUSTER_LABEL}={world.cluster_name}")
+        words = observe.unschedulable(pods)
+        if words:
+            return Reason.UNSCHEDULABLE, words
+        if not pods and not observe.conditions(cluster):
+            # No pod and no condition: KubeRay may have refused the cluster, which it says
+            # only in an Event (its validation runs before it writes any status).
+            events = await self.kube.list_events(
+                ns, f"involvedObject.kind=RayCluster,involvedObject.name={world.cluster_name}")
+            refused = observe.refusal(events, meta.get("uid"))
+            if refused:
+                return Reason.CLUSTER_REFUSED, refused
+        return None
+
     async def observe_ray_job(self, job: FineTuneJob, world: World, mem: JobMemory
                               ) -> tuple[RayJobState, str]:
         """The current attempt's Ray job on a ready cluster, and its log (progress)."""
@@ -261,7 +331,9 @@ class Reconciler:
         sub_id = world.status.get("rayJobId") or phases.submission_id(job, 1)
         world.client = await self.ray_client(job, world.cluster, mem)
         if world.client is None:
-            return RayJobState.UNREACHABLE, "no head address published"
+            return RayJobState.UNREACHABLE, (
+                "no head address published" if not observe.dashboard_url(world.cluster)
+                else "KubeRay has not written this RayCluster's auth token Secret yet")
         try:
             world.ray_info = await world.client.get(sub_id)
             if world.ray_info is None:
@@ -273,29 +345,40 @@ class Reconciler:
             # Shown in the Ready condition; a refused token is read again next time
             # (the auth Secret may have been replaced).
             if not isinstance(e, DashboardUnreachable):
-                mem.token = None
+                mem.token = mem.token_uid = None
             return RayJobState.UNREACHABLE, str(e)
 
-    async def ray_token(self, job: FineTuneJob, mem: JobMemory) -> str | None:
-        # KubeRay's Secret of this cluster; a new cluster (recreated, retried) has a new
-        # token, and a refused token is dropped (observe_ray_job) and read again.
-        if mem.token is None:
+    async def ray_token(self, job: FineTuneJob, cluster: dict[str, Any], mem: JobMemory
+                        ) -> str | None:
+        """The token KubeRay generated for this RayCluster (None until its Secret exists).
+        Cached per cluster uid: a new cluster (recreated, retried) is read again, and a
+        refused token is dropped (observe_ray_job) and read again."""
+        if not cluster_wants_token(cluster):
+            return None
+        uid = (cluster.get("metadata") or {}).get("uid")
+        if mem.token is None or mem.token_uid != uid:
             secret = await self.kube.get_secret(job.namespace, raycluster.auth_secret_name(job))
-            mem.token = secret_value(secret, raycluster.AUTH_TOKEN_KEY) if secret else None
+            mem.token = observe.cluster_token(secret, cluster)
+            mem.token_uid = uid if mem.token is not None else None
         return mem.token
 
     async def ray_client(self, job: FineTuneJob, cluster: dict[str, Any],
                          mem: JobMemory) -> RayJobsClient | None:
+        """A client of the cluster's dashboard, or None while there is none to call: no
+        address published, or no token of this cluster yet (never a call without it)."""
         url = observe.dashboard_url(cluster, self.settings.dashboard_host)
         if url is None:
             return None
-        return RayJobsClient(self.http, url, await self.ray_token(job, mem),
-                             timeout=self.settings.dashboard_timeout)
+        token = await self.ray_token(job, cluster, mem)
+        if token is None and cluster_wants_token(cluster):
+            return None
+        return RayJobsClient(self.http, url, token, timeout=self.settings.dashboard_timeout)
 
     async def read_log(self, client: RayJobsClient, sub_id: str, mem: JobMemory,
                        world: World) -> None:
         log = await client.logs(sub_id)
         world.log = log
+        mem.log_tail = (sub_id, tracking.log_tail(log, self.settings.log_tail_lines))
         if mem.cursor is None or mem.cursor.submission_id != sub_id:
             mem.cursor = tracking.LogCursor(sub_id)
         events = mem.cursor.feed(log)
@@ -328,7 +411,7 @@ class Reconciler:
                 case phases.StopJob(submission_id=sub_id):
                     await self.stop(world, job, sub_id, mem)
                 case phases.SaveLog(submission_id=sub_id):
-                    await self.save_failed_log(job, sub_id, world)
+                    await self.save_failed_log(job, sub_id, world, mem)
                 case phases.DeleteJob():
                     await self.kube.delete_job(ns, job.name)
         return decision
@@ -360,11 +443,11 @@ class Reconciler:
     async def create_cluster(self, body: dict[str, Any], job: FineTuneJob,
                              mem: JobMemory) -> None:
         ns = job.namespace
+        # Exactly what `finetune render` prints (namespace, labels, owner reference).
         cluster = raycluster.build_raycluster(job, self.settings)
-        kopf.adopt(cluster, owner=body)
         try:
             await self.kube.create_raycluster(ns, cluster)
-            mem.token = None  # KubeRay generates a new token for the new cluster
+            mem.token = mem.token_uid = None  # KubeRay generates a new token for it
             logger.info("Created RayCluster %s/%s", ns, cluster["metadata"]["name"])
         except Conflict:
             # Created by an earlier pass whose status write was lost (fine), or somebody
@@ -404,8 +487,13 @@ class Reconciler:
             return None
         return S3Credentials(key_id, key, secret_value(secret, S3Secret.SESSION_TOKEN) or None)
 
-    async def save_failed_log(self, job: FineTuneJob, sub_id: str, world: World) -> None:
-        log = world.log or ""
+    async def save_failed_log(self, job: FineTuneJob, sub_id: str, world: World,
+                              mem: JobMemory) -> None:
+        log = world.log
+        if log is None and mem.log_tail is not None and mem.log_tail[0] == sub_id:
+            # The cluster forgot the job and its log: keep what this operator last read.
+            log = mem.log_tail[1]
+        log = log or ""
         world.produced["logTail"] = tracking.log_tail(log, self.settings.log_tail_lines)
         try:
             uri = await save_log(self.http, job, sub_id, log, await self.s3_credentials(job))
@@ -493,11 +581,10 @@ class Reconciler:
         mem = self.memory.get(f"{meta.get('namespace')}/{job}")
         if mem is None:
             return
-        before = ((mem.cluster or {}).get("status") or {}).get("state")
-        state = (body.get("status") or {}).get("state")
+        before = _health(mem.cluster)
         mem.cluster = None if type == "DELETED" else raycluster.observed_view(dict(body))
         mem.cluster_known = True
-        if type == "DELETED" or (state != before and state in ("ready", "failed", "suspended")):
+        if type == "DELETED" or _health(mem.cluster) != before:
             mem.wake.set()
 
     async def run(self, body: kopf.Body, stopped: kopf.DaemonStopped) -> None:

@@ -1,5 +1,12 @@
 """Plays KubeRay's part against the emulator: RayClusters become ready, pointing at a real local
-Ray head; token-auth Secrets are created or read as KubeRay does.
+Ray head; token-auth Secrets are created as KubeRay does.
+
+It reports what the real KubeRay v1.5.1 reports (pinned in tests/realkube/test_kuberay_reports.py,
+listed in docs/install.md): `state: ready` with the conditions `HeadPodReady` and
+`RayClusterProvisioned`; a lost head turns `HeadPodReady` False with `state` still `ready`, and
+comes back as a new head pod; `state: failed` is never written. The token Secret is named after
+the cluster and owned by it; a Secret of that name left by an earlier cluster (not yet
+garbage-collected) is waited out and then made anew, as KubeRay (which owns Secrets) does.
 
 It is a real API client (its own bearer token, identity `kuberay-operator`), watching
 `ray.io/v1 rayclusters` cluster-wide over HTTP on its own thread and event loop, so everything it
@@ -39,7 +46,7 @@ class KubeRayStandIn:
     def __init__(self, url: str, token: str, head: HeadAddress, *, ready_delay: float = 0.2) -> None:
         self.url, self.token, self.head, self.ready_delay = url.rstrip('/'), token, head, ready_delay
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._broken: set[str] = set()  # uids a test broke: never made ready again
+        self._head_down: set[str] = set()  # uids whose head a test took down (lose_head)
         self._provisioning: dict[str, asyncio.Task[None]] = {}
         self._thread = threading.Thread(target=self._run, name='kuberay-standin', daemon=True)
         self._started = threading.Event()
@@ -112,7 +119,7 @@ class KubeRayStandIn:
     def _reconcile(self, cluster: dict[str, Any]) -> None:
         meta, status = cluster['metadata'], cluster.get('status') or {}
         uid = meta['uid']
-        if meta.get('deletionTimestamp') or uid in self._broken:
+        if meta.get('deletionTimestamp') or uid in self._head_down:
             return
         wanted = 'suspended' if (cluster.get('spec') or {}).get('suspend') else 'ready'
         if status.get('state') == wanted and status.get('observedGeneration') == meta.get('generation'):
@@ -124,15 +131,11 @@ class KubeRayStandIn:
     async def _provision(self, cluster: dict[str, Any], wanted: str) -> None:
         meta, spec = cluster['metadata'], cluster.get('spec') or {}
         namespace, name = meta['namespace'], meta['name']
-        reason = None
         auth = spec.get('authOptions')
         if auth is not None and auth.get('mode', 'token') == 'token':
-            reason = await self._ensure_auth_secret(cluster, auth)
+            await self._ensure_auth_secret(cluster)
         await asyncio.sleep(self.ready_delay)
-        if meta['uid'] in self._broken:
-            return
-        if reason is not None:
-            await self._patch_status(namespace, name, {'state': 'failed', 'reason': reason})
+        if meta['uid'] in self._head_down:
             return
         workers = spec.get('workerGroupSpecs') or []
         replicas = sum(int(group.get('replicas', group.get('minReplicas', 0)) or 0) for group in workers)
@@ -160,33 +163,30 @@ class KubeRayStandIn:
             ],
         })
 
-    async def _ensure_auth_secret(self, cluster: dict[str, Any], auth: dict[str, Any]) -> str | None:
-        """KubeRay's token auth: use `secretName`'s `auth_token`, or create a Secret named after the
-        cluster, owned by it. The real head has one fixed token, so that is the token stored; a
-        user Secret with another token cannot work against it and fails the cluster visibly."""
+    async def _ensure_auth_secret(self, cluster: dict[str, Any]) -> None:
+        """KubeRay's token auth: a Secret named after the cluster, owned by it, key `auth_token`.
+        The real head has one fixed token, so that is the token stored."""
         meta = cluster['metadata']
-        namespace = meta['namespace']
-        secret_name = auth.get('secretName')
-        if secret_name:
-            async with self._session.get(f'/api/v1/namespaces/{namespace}/secrets/{secret_name}') as response:
+        namespace, name = meta['namespace'], meta['name']
+        path = f'/api/v1/namespaces/{namespace}/secrets/{name}'
+        while True:
+            async with self._session.get(path) as response:
                 if response.status == 404:
-                    return f'auth secret {secret_name} not found'
+                    break
                 secret = await response.json()
-            token = base64.b64decode((secret.get('data') or {}).get('auth_token', '')).decode()
-            if self.head.token is not None and token != self.head.token:
-                return f'auth secret {secret_name} holds a token the Ray head does not accept'
-            return None
+            if any(o.get('uid') == meta['uid'] for o in secret['metadata'].get('ownerReferences') or []):
+                return
+            await asyncio.sleep(0.1)  # an earlier cluster's, until the garbage collector takes it
         token = self.head.token or secrets.token_urlsafe(32)
         body = {'apiVersion': 'v1', 'kind': 'Secret', 'type': 'Opaque',
-                'metadata': {'name': meta['name'], 'namespace': namespace,
-                             'labels': {'ray.io/cluster': meta['name']},
-                             'ownerReferences': [{'apiVersion': 'ray.io/v1', 'kind': 'RayCluster', 'name': meta['name'],
+                'metadata': {'name': name, 'namespace': namespace,
+                             'labels': {'ray.io/cluster': name},
+                             'ownerReferences': [{'apiVersion': 'ray.io/v1', 'kind': 'RayCluster', 'name': name,
                                                   'uid': meta['uid'], 'controller': True, 'blockOwnerDeletion': True}]},
                 'data': {'auth_token': base64.b64encode(token.encode()).decode()}}
         async with self._session.post(f'/api/v1/namespaces/{namespace}/secrets', json=body) as response:
             if response.status not in (201, 409):
-                return f'creating the auth secret failed: HTTP {response.status}'
-        return None
+                raise RuntimeError(f'creating the auth secret of {namespace}/{name}: HTTP {response.status}')
 
     async def _patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         async with self._session.patch(f'{RAYCLUSTERS.replace("/rayclusters", "")}/namespaces/{namespace}/rayclusters/{name}/status',
@@ -197,26 +197,44 @@ class KubeRayStandIn:
 
     # -- test hooks --
 
-    def break_cluster(self, namespace: str, name: str, *, delete: bool = False) -> None:
-        """The head is lost: the cluster goes `failed` (and stays so), or disappears with delete=True."""
-        assert self.loop is not None
-        asyncio.run_coroutine_threadsafe(self._break(namespace, name, delete), self.loop).result(30)
+    def lose_head(self, namespace: str, name: str) -> None:
+        """The head pod dies (an OOM kill, an eviction): `HeadPodReady` turns False, `state`
+        stays `ready` (KubeRay >= 1.2). The cluster stays so until `replace_head`."""
+        self._call(self._lose_head(namespace, name))
 
-    async def _break(self, namespace: str, name: str, delete: bool) -> None:
-        path = f'/apis/ray.io/v1/namespaces/{namespace}/rayclusters/{name}'
-        async with self._session.get(path) as response:
-            if response.status == 404:
-                return
-            cluster = await response.json()
-        self._broken.add(cluster['metadata']['uid'])
-        if delete:
-            async with self._session.delete(path):
-                return
+    def replace_head(self, namespace: str, name: str) -> None:
+        """KubeRay's new head pod is ready: a new pod name, `HeadPodReady` True again."""
+        self._call(self._replace_head(namespace, name))
+
+    def _call(self, coroutine: Any) -> None:
+        assert self.loop is not None
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    async def _get_cluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        async with self._session.get(f'/apis/ray.io/v1/namespaces/{namespace}/rayclusters/{name}') as response:
+            return None if response.status == 404 else await response.json()
+
+    def _conditions(self, head_ready: bool, message: str = '') -> list[dict[str, Any]]:
+        return [{'type': 'HeadPodReady', 'status': 'True' if head_ready else 'False',
+                 'reason': 'HeadPodRunningAndReady' if head_ready else 'ContainersNotReady',
+                 'message': message, 'lastTransitionTime': _now()},
+                {'type': 'RayClusterProvisioned', 'status': 'True', 'reason': 'AllPodRunningAndReadyFirstTime',
+                 'message': '', 'lastTransitionTime': _now()}]
+
+    async def _lose_head(self, namespace: str, name: str) -> None:
+        cluster = await self._get_cluster(namespace, name)
+        if cluster is None:
+            return
+        self._head_down.add(cluster['metadata']['uid'])
         await self._patch_status(namespace, name, {
-            'state': 'failed', 'reason': 'HeadPodLost', 'readyWorkerReplicas': 0, 'availableWorkerReplicas': 0,
             'lastUpdateTime': _now(),
-            'conditions': [{'type': 'HeadPodReady', 'status': 'False', 'reason': 'HeadPodNotFound',
-                            'message': 'the head pod is gone', 'lastTransitionTime': _now()},
-                           {'type': 'RayClusterProvisioned', 'status': 'True', 'reason': 'AllPodRunningAndReadyFirstTime',
-                            'message': '', 'lastTransitionTime': _now()}],
-        })
+            'conditions': self._conditions(False, 'containers with unready status: [ray-head]')})
+
+    async def _replace_head(self, namespace: str, name: str) -> None:
+        cluster = await self._get_cluster(namespace, name)
+        if cluster is None:
+            return
+        self._head_down.discard(cluster['metadata']['uid'])
+        head = dict(cluster['status']['head'], podName=f'{name}-head-{secrets.token_hex(3)[:5]}')
+        await self._patch_status(namespace, name, {'lastUpdateTime': _now(), 'head': head,
+                                                   'conditions': self._conditions(True)})

@@ -164,6 +164,10 @@ BAD.update({
     # Names the RayCluster could not carry: refused at admission by the CRD's root CEL rules.
     "name-with-dot": (make(metadata={"name": "team.job"}), "metadata.name"),
     "name-46-chars": (make(metadata={"name": "x" * 46}), "metadata.name"),
+    # KubeRay refuses a RayCluster name that is not a DNS-1035 label (a digit first).
+    "name-leading-digit": (make(metadata={"name": "1abc"}), "metadata.name"),
+    "generate-name-leading-digit": (make(metadata={"generateName": "7job-"}),
+                                    "metadata.generateName"),
     "generate-name-41-chars": (make(metadata={"generateName": "x" * 41}),
                                "metadata.generateName"),
     "generate-name-upper": (make(metadata={"generateName": "Job-"}), "metadata.generateName"),

@@ -35,6 +35,10 @@ OTHER_NAMES = {
     "Unschedulable",                                        # the scheduler's PodScheduled reason
     "CreateContainerConfigError", "ContainersNotReady",     # the kubelet's container reasons
     "TensorBoard",                                          # where the metrics go
+    "ReplicaFailure", "FailedCreateHeadPod", "FailedCreateWorkerPod",
+    "InvalidRayClusterSpec", "InvalidRayClusterMetadata",   # KubeRay's Event reasons
+    "PodScheduled", "FailedScheduling",                     # the scheduler's words
+    "PriorityClass",                                        # a Kubernetes kind
 }
 
 

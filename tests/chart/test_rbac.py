@@ -30,10 +30,10 @@ def test_chart_rbac_matches_the_operators_calls(scenario):
 
 def test_a_call_the_chart_does_not_grant_is_reported_missing():
     data = _scenarios()["cluster"]
-    calls = data["calls"] + [["list", "", "pods", "", "team-a"]]
+    calls = data["calls"] + [["watch", "", "pods", "", "team-a"]]
     objects = render(data["values"])
     report = check_rbac(calls, objects, service_account_name(objects))
-    assert report.missing == [Call("list", "", "pods", "", "team-a")]
+    assert report.missing == [Call("watch", "", "pods", "", "team-a")]
 
 
 def test_a_grant_nobody_uses_is_reported_unused():
@@ -68,7 +68,7 @@ def test_assert_calls_granted_checks_one_direction_only():
     partial = [c for c in data["calls"] if c[0] != "delete"]
     assert_calls_granted(partial, data["values"])
     with pytest.raises(AssertionError, match="pods"):
-        assert_calls_granted(partial + [["list", "", "pods", "", "team-a"]], data["values"])
+        assert_calls_granted(partial + [["watch", "", "pods", "", "team-a"]], data["values"])
 
 
 def test_emulator_api_calls_are_accepted():

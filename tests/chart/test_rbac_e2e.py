@@ -2,7 +2,8 @@
 
 The operator (kopf, in-process) runs against the test bed's emulator as identity `operator`
 and takes one FineTuneJob through every path that touches the API without needing Ray: a
-missing S3 Secret, the Secret appearing (auth Secret and RayCluster created), suspension
+missing S3 Secret, the Secret appearing (auth Secret and RayCluster created), the RayCluster
+not coming up (no KubeRay here: its pods and KubeRay's Events are read for why), suspension
 (RayCluster deleted), a finished job past its TTL (the job deleted, the finalizer removed).
 Then every recorded call must be granted by the chart rendered with the same settings, and
 every grant must have been used (or be allow-listed with a reason in finetune_testbed/rbac.py).
@@ -121,6 +122,11 @@ def test_rbac_matches_the_calls_the_operator_makes(kube, mode):
                     "secrets")
         wait_for(lambda: kube.get_or_none("ray.io/v1", "rayclusters", "rbac-probe", ns),
                  "the RayCluster")
+        # Nothing reconciles it: once it had time to come up the operator reads its pods
+        # and Events (reconcile.observe_blocked).
+        wait_for(lambda: {("list", c.resource) for c in kube.recorder.calls_of("operator")
+                          if c.verb == "list"} >= {("list", "pods"), ("list", "events")},
+                 "the operator to look for why the RayCluster does not come up", timeout=30)
         kube.patch(*FTJ, "rbac-probe", {"spec": {"runPolicy": {
             "suspend": True, "ttlSecondsAfterFinished": 0}}}, ns)
         wait_for(lambda: status().get("phase") == "Suspended"

@@ -427,31 +427,44 @@ def test_kuberay_standin_makes_clusters_ready_and_creates_auth_secret(kube):
         assert {c['type']: c['status'] for c in status['conditions']} == {'HeadPodReady': 'True', 'RayClusterProvisioned': 'True'}
         secret = kube.get('v1', 'secrets', 'rc-1', 'default')
         assert secret['metadata']['ownerReferences'][0]['uid'] == ready['metadata']['uid']
-        standin.break_cluster('default', 'rc-1')
-        kube.wait_for(lambda: kube.get('ray.io/v1', 'rayclusters', 'rc-1', 'default')['status']['state'] == 'failed')
-        time.sleep(0.3)
-        assert kube.get('ray.io/v1', 'rayclusters', 'rc-1', 'default')['status']['state'] == 'failed'  # stays broken
+        # A lost head, as KubeRay >= 1.2 reports it: HeadPodReady False, state still ready.
+        head_pod = status['head']['podName']
+        standin.lose_head('default', 'rc-1')
+        down = kube.wait_for(lambda: (lambda c: c if {x['type']: x['status'] for x in c['status']['conditions']}
+                                      ['HeadPodReady'] == 'False' else None)(
+            kube.get('ray.io/v1', 'rayclusters', 'rc-1', 'default')))
+        assert down['status']['state'] == 'ready'
+        time.sleep(0.3)  # stays down until the new head is ready
+        assert {x['type']: x['status'] for x in kube.get('ray.io/v1', 'rayclusters', 'rc-1', 'default')
+                ['status']['conditions']}['HeadPodReady'] == 'False'
+        standin.replace_head('default', 'rc-1')
+        back = kube.get('ray.io/v1', 'rayclusters', 'rc-1', 'default')['status']
+        assert back['head']['podName'] != head_pod and back['state'] == 'ready'
+        assert {x['type']: x['status'] for x in back['conditions']}['HeadPodReady'] == 'True'
         kube.delete(FTJ, 'finetunejobs', 'job-1', 'default')
         assert kube.get_or_none('v1', 'secrets', 'rc-1', 'default') is None  # job → cluster → secret
         assert not standin.errors
 
 
 @needs_kuberay_crd
-def test_kuberay_standin_reads_a_named_secret(kube):
+def test_kuberay_standin_waits_out_an_earlier_clusters_secret(kube):
+    # A RayCluster recreated under its old name while the garbage collector has not yet removed
+    # the old one's token Secret: KubeRay makes a Secret of its own once the old one is gone,
+    # and the cluster's token is never the old one.
     head = HeadAddress('127.0.0.1', 6380, 8266, 10002, token='head-token')
-    with KubeRayStandIn(kube.url, kube.add_identity('kuberay-operator'), head, ready_delay=0.05):
-        wrong = ray_cluster('rc-wrong')
-        wrong['spec']['authOptions']['secretName'] = 'missing'
-        kube.create(wrong, 'rayclusters')
-        kube.create({'apiVersion': 'v1', 'kind': 'Secret', 'metadata': {'name': 'tok'},
-                     'data': {'auth_token': 'aGVhZC10b2tlbg=='}}, 'secrets', 'default')  # "head-token"
-        named = ray_cluster('rc-named')
-        named['spec']['authOptions']['secretName'] = 'tok'
-        kube.create(named, 'rayclusters')
-        kube.wait_for(lambda: (kube.get('ray.io/v1', 'rayclusters', 'rc-named', 'default').get('status') or {}).get('state') == 'ready')
-        failed = kube.wait_for(lambda: (kube.get('ray.io/v1', 'rayclusters', 'rc-wrong', 'default').get('status') or {}).get('reason'))
-        assert failed == 'auth secret missing not found'
-        assert kube.get_or_none('v1', 'secrets', 'rc-named', 'default') is None  # nothing created
+    with KubeRayStandIn(kube.url, kube.add_identity('kuberay-operator'), head, ready_delay=0.05) as standin:
+        kube.create({'apiVersion': 'v1', 'kind': 'Secret', 'metadata': {
+            'name': 'rc-2', 'ownerReferences': [{'apiVersion': 'ray.io/v1', 'kind': 'RayCluster', 'name': 'rc-2',
+                                                 'uid': 'an-earlier-cluster'}]},
+            'data': {'auth_token': 'b2xk'}}, 'secrets', 'default')
+        created = kube.create(ray_cluster('rc-2'), 'rayclusters')
+        # (The emulator's garbage collector removes the stale Secret, whose owner is gone.)
+        kube.wait_for(lambda: (kube.get('ray.io/v1', 'rayclusters', 'rc-2', 'default').get('status') or {})
+                      .get('state') == 'ready')
+        secret = kube.get('v1', 'secrets', 'rc-2', 'default')
+        assert secret['metadata']['ownerReferences'][0]['uid'] == created['metadata']['uid']
+        assert secret['data']['auth_token'] != 'b2xk'
+        assert not standin.errors
 
 
 # -- real clients: kopf and kubectl --

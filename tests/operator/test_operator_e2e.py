@@ -238,11 +238,16 @@ def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kub
                                                 start_operator, s3_secret,
                                                 tiny_job):
     """(2) the first attempt crashes after its first checkpoint -> Retrying -> the second
-    attempt resumes from it -> Succeeded with status.retries == 1."""
+    attempt resumes from it -> Succeeded with status.retries == 1. The operator is replaced
+    as soon as the retry is counted: the new one neither counts it again nor submits twice."""
     name = "flaky"
     s3_secret()
-    start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
+    first_op = start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
     kube.create(tiny_job(name), "finetunejobs")
+    wait_until(lambda: status(kube, name).get("retries"), 300,
+               what=lambda: f"the first retry; last status {status(kube, name)}")
+    first_op.stop()
+    start_operator(trainer_env=("FINETUNE_FAULT_AFTER_STEP=2",))
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 400)
     assert st["phase"] == "Succeeded", st
     assert st["retries"] == 1
@@ -253,7 +258,10 @@ def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kub
     assert st["logUri"].endswith(f"/{name}/logs/{first}.log") and st["logTail"]
     resumed = started_event(ray_head, st["rayJobId"])
     assert resumed["resumedFromStep"] == 2
-    assert "AttemptFailed" in [e["reason"] for e in events_of(kube, name)]
+    assert [e["reason"] for e in events_of(kube, name)].count("AttemptFailed") == 1
+    # The retry ran on the same RayCluster: one created, none recreated.
+    assert len([obj for event, obj in kube.history(*RC)
+                if event == "ADDED" and obj["metadata"]["name"] == name]) == 1
 
 
 def started_event(ray_head, submission_id):
@@ -314,12 +322,19 @@ def test_suspend_and_resume_continue_from_checkpoint(s3_server, tiny_assets, kub
 def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kube, kuberay,
                                                      ray_head, start_operator,
                                                      s3_secret, tiny_job):
-    """(5) the operator is stopped mid-run and a new one takes over: no second RayCluster,
-    no second submission, and the job still succeeds."""
+    """(5) the operator is stopped while the job is Provisioning, and again mid-run, and a
+    new one takes over each time: no second RayCluster, no second submission, and the job
+    still succeeds."""
     name = "phoenix"
     s3_secret()
-    first_op = start_operator()
+    provisioning_op = start_operator()
     kube.create(tiny_job(name), "finetunejobs")
+    wait_phase(kube, name, ("Provisioning", "Running"), 60)
+    # (Events are posted in the background: the one that says the cluster is being created.)
+    wait_until(lambda: "ClusterCreating" in [e["reason"] for e in events_of(kube, name)], 30,
+               what="the ClusterCreating Event")
+    provisioning_op.stop()
+    first_op = start_operator()
     wait_phase(kube, name, "Running", 180)
     cluster_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
     submissions = list(ray_jobs(ray_head, name))
@@ -328,7 +343,7 @@ def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kub
     start_operator()
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
     assert st["phase"] == "Succeeded", st
-    # One submission, the first operator's, run to the end.
+    # One submission, run to the end.
     assert submissions == list(ray_jobs(ray_head, name)) == [st["rayJobId"]]
     assert st.get("retries", 0) == 0
     # The same cluster to the end: the API server saw one RayCluster of this name come into
@@ -343,12 +358,20 @@ def test_operator_restart_mid_run_does_not_duplicate(s3_server, tiny_assets, kub
     assert len(creates) == 1
 
 
-def test_broken_cluster_is_recreated_and_the_run_resumes(s3_server, tiny_assets, kube, kuberay,
-                                                         ray_head, start_operator,
-                                                         s3_secret,
-                                                         tiny_job):
-    """A RayCluster that goes `failed` mid-run (head lost) is deleted and created again; the
-    attempt on it counts as a retry and the next one resumes from the checkpoint."""
+def _ray_request(ray_head, method, path):
+    req = urllib.request.Request(f"{ray_head.dashboard_url}{path}", method=method,
+                                 headers=ray_head.headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def test_lost_head_counts_as_a_failed_attempt_and_the_run_resumes(
+        s3_server, tiny_assets, kube, kuberay, ray_head, start_operator, s3_secret, tiny_job):
+    """The head pod dies mid-run, as the real KubeRay reports it (docs/install.md):
+    `HeadPodReady` False with `state` still `ready`, then a new head pod whose Ray has no
+    record of the job (the Jobs API answers 404). The attempt counts as failed (RayJobLost),
+    the next one gets a new submission id on the same RayCluster and resumes from the
+    checkpoint, and the lost attempt's log tail (as the operator last read it) is kept."""
     name = "fragile"
     s3_secret()
     start_operator()
@@ -356,21 +379,32 @@ def test_broken_cluster_is_recreated_and_the_run_resumes(s3_server, tiny_assets,
     wait_until(lambda: status(kube, name).get("checkpoint"), 240,
                what=lambda: f"a first checkpoint; last status {status(kube, name)}")
     first = status(kube, name)["rayJobId"]
-    old_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
-    # The head pod is lost: in a cluster its jobs die with it; the shared local head here
-    # outlives the "cluster", so the test ends that job itself.
-    kuberay.break_cluster(NAMESPACE, name)
-    req = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/{first}/stop",
-                                 method="POST", headers=ray_head.headers)
-    urllib.request.urlopen(req, timeout=10).close()
+    cluster_uid = kube.get(*RC, name, NAMESPACE)["metadata"]["uid"]
 
-    wait_until(lambda: (kube.get_or_none(*RC, name, NAMESPACE) or {}).get("metadata", {})
-               .get("uid") not in (None, old_uid), 60, what="a new RayCluster")
+    kuberay.lose_head(NAMESPACE, name)
+    down = wait_until(lambda: (lambda st: st if condition(st, "Ready").get("reason")
+                               == "HeadNotReady" else None)(status(kube, name)), 60,
+                      what=lambda: f"HeadNotReady; last status {status(kube, name)}")
+    assert down["phase"] == "Running" and down.get("retries", 0) == 0  # nothing counted yet
+    # The job dies with the head, and the new head knows nothing of it: the shared local head
+    # here outlives the "pod", so the test ends the job and removes Ray's record of it.
+    _ray_request(ray_head, "POST", f"/api/jobs/{first}/stop")
+    wait_until(lambda: _ray_request(ray_head, "GET", f"/api/jobs/{first}")["status"]
+               in ("STOPPED", "FAILED", "SUCCEEDED"), 60, what="the first attempt to stop")
+    _ray_request(ray_head, "DELETE", f"/api/jobs/{first}")
+    kuberay.replace_head(NAMESPACE, name)
+
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)
     assert st["phase"] == "Succeeded", st
     assert st["retries"] == 1 and st["rayJobId"].endswith("-a2")
     assert started_event(ray_head, st["rayJobId"])["resumedFromStep"] > 0
-    assert "ClusterFailed" in [e["reason"] for e in events_of(kube, name)]
+    lost = [e for e in events_of(kube, name) if e["reason"] == "RayJobLost"]
+    assert len(lost) == 1 and first in lost[0]["message"], lost
+    # The lost attempt's log: the tail the operator had read, with the trainer's own events.
+    assert '"event"' in st["logTail"]
+    # Recovered on the same RayCluster (KubeRay replaced the head): nothing recreated.
+    assert [obj["metadata"]["uid"] for event, obj in kube.history(*RC)
+            if event == "ADDED" and obj["metadata"]["name"] == name] == [cluster_uid]
 
 
 def test_hot_standby_does_nothing_while_the_leader_runs(kube, kuberay, start_operator, tiny_job):

@@ -93,7 +93,18 @@ def test_cluster_state_checks_ownership():
         return cluster_state(cluster, job.name, job.uid)
 
     assert state(mine) == phases.ClusterState.READY
-    assert state({**mine, "status": {"state": "failed"}}) == phases.ClusterState.FAILED
+    # As KubeRay >= 1.2 reports (docs/install.md, tests/realkube/test_kuberay_reports.py):
+    # a dead head turns HeadPodReady False and leaves `state: ready`.
+    def conds(head, provisioned):
+        return [{"type": "HeadPodReady", "status": head},
+                {"type": "RayClusterProvisioned", "status": provisioned}]
+    assert state({**mine, "status": {"state": "ready", "conditions": conds("True", "True")}}) \
+        == phases.ClusterState.READY
+    assert state({**mine, "status": {"state": "ready", "conditions": conds("False", "True")}}) \
+        == phases.ClusterState.HEAD_DOWN
+    # Not up yet (never provisioned): still coming up, not a lost head.
+    assert state({**mine, "status": {"conditions": conds("False", "False")}}) \
+        == phases.ClusterState.PROVISIONING
     assert state({**mine, "status": {}}) == phases.ClusterState.PROVISIONING
     going = {**mine, "metadata": {**mine["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}}
     assert state(going) == phases.ClusterState.PROVISIONING
@@ -102,6 +113,52 @@ def test_cluster_state_checks_ownership():
     labelled_not_owned = {**mine, "metadata": {**mine["metadata"], "ownerReferences": []}}
     assert state(labelled_not_owned) == phases.ClusterState.FOREIGN
     assert state(None) == phases.ClusterState.ABSENT
+
+
+def test_kuberays_words_on_a_cluster_that_does_not_come_up():
+    from finetune_operator.observe import refusal, replica_failure, unschedulable
+
+    failing = {"status": {"conditions": [{"type": "ReplicaFailure", "status": "True",
+                                          "reason": "FailedCreateHeadPod",
+                                          "message": "no PriorityClass with name x"}]}}
+    assert replica_failure(failing) == "FailedCreateHeadPod: no PriorityClass with name x"
+    assert replica_failure({"status": {}}) == ""
+    pod = {"metadata": {"name": "w-1"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}
+    bound = {"metadata": {"name": "h-0"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "True"}]}}
+    assert unschedulable([bound, pod]) == \
+        "pod w-1: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    assert unschedulable([bound]) == ""
+    events = [{"reason": "InvalidRayClusterSpec", "message": "old", "involvedObject": {"uid": "u0"},
+               "lastTimestamp": "2026-01-01T00:00:02Z"},
+              {"reason": "InvalidRayClusterSpec", "message": "bad spec",
+               "involvedObject": {"uid": "u1"}, "lastTimestamp": "2026-01-01T00:00:01Z"},
+              {"reason": "Created", "message": "x", "involvedObject": {"uid": "u1"}}]
+    # Only this cluster's (uid) refusals: an earlier cluster of the name said nothing of it.
+    assert refusal(events, "u1") == "InvalidRayClusterSpec: bad spec"
+    assert refusal(events, "u2") == ""
+
+
+def test_the_token_is_the_one_kuberay_made_for_this_very_cluster():
+    import base64
+
+    from finetune_operator.observe import cluster_token
+    from finetune_operator.raycluster import check_name
+
+    def secret(owner_uid):
+        return {"metadata": {"ownerReferences": [{"kind": "RayCluster", "uid": owner_uid}]},
+                "data": {"auth_token": base64.b64encode(b"t0k").decode()}}
+    cluster = {"metadata": {"uid": "new"}}
+    assert cluster_token(secret("new"), cluster) == "t0k"
+    # The Secret of an earlier cluster of the same name, not yet garbage-collected.
+    assert cluster_token(secret("old"), cluster) is None
+    assert cluster_token(None, cluster) is None
+    # KubeRay's CheckName (the Secret's name): what the validator admits passes unchanged.
+    assert check_name("llama") == "llama"
+    assert check_name("1abc") == "rabc"
+    assert check_name("x" * 10 + "y" * 45) == "x" * 5 + "y" * 45
 
 
 def test_dashboard_url_from_kuberay_status_and_override():
@@ -202,3 +259,35 @@ def test_operator_registers_no_change_handlers():
     registry = build_registry()
     assert list(registry._changing._handlers) == []
     assert NoDiffBase().build(body={"spec": {}}) is None
+
+
+def test_cluster_watch_wakes_a_job_for_what_changes_its_decision():
+    from finetune_operator.kube import KubeClient
+    from finetune_operator.reconcile import Reconciler
+    from finetune_operator.settings import Settings
+
+    reconciler = Reconciler(Settings(), KubeClient(None), http=None)
+    mem = reconciler.mem("ns/llama")
+
+    def event(kind="MODIFIED", state=None, head=None, provisioned=None, failure=False):
+        conditions = [{"type": t, "status": v} for t, v in
+                      (("HeadPodReady", head), ("RayClusterProvisioned", provisioned)) if v]
+        if failure:
+            conditions.append({"type": "ReplicaFailure", "status": "True",
+                               "reason": "FailedCreateHeadPod", "message": "refused"})
+        mem.wake.clear()
+        reconciler.cluster_event(kind, {
+            "metadata": {"name": "llama", "namespace": "ns",
+                         "labels": {"finetune.dev/job": "llama"}},
+            "status": {"state": state, "conditions": conditions} if state or conditions
+            else {}})
+        return mem.wake.is_set()
+
+    assert not event("ADDED")                                   # created: nothing to do yet
+    assert not event(head="False", provisioned="False")         # KubeRay's first conditions
+    assert event(failure=True)                                  # pods refused: say so
+    assert event(state="ready", head="True", provisioned="True")
+    assert not event(state="ready", head="True", provisioned="True")  # a repeat
+    assert event(state="ready", head="False", provisioned="True")    # the head went down
+    assert event(state="ready", head="True", provisioned="True")     # and came back
+    assert event("DELETED")

@@ -21,11 +21,17 @@ SUBMITTED = {"type": "Submitted", "status": "True", "reason": "JobSubmitted"}
 
 
 def obs(status=None, *, j=JOB, secret=S.PRESENT, cluster=C.ABSENT, ray=R.UNKNOWN,
-        exit_code=None, rejected=(), now=NOW, deleting=False, invalid="", to_store=None):
+        exit_code=None, rejected=(), now=NOW, deleting=False, invalid="", to_store=None,
+        blocked=None, head_trouble=""):
     return Observed(job=None if invalid else j, generation=1, status=status or {}, now=now,
                     secret=secret, cluster=cluster, ray_job=ray, exit_code=exit_code,
                     rejected_fields=rejected, deleting=deleting, invalid_spec=invalid,
-                    spec_to_store=to_store)
+                    spec_to_store=to_store, blocked=blocked, head_trouble=head_trouble)
+
+
+UNSCHEDULABLE = (Reason.UNSCHEDULABLE, "pod llama-workers-worker-x: 0/3 nodes are available: "
+                 "3 node(s) didn't match Pod's node affinity/selector.")
+REFUSED = (Reason.CLUSTER_REFUSED, "InvalidRayClusterSpec: The RayCluster spec is invalid")
 
 
 def running(**extra):
@@ -74,8 +80,22 @@ TABLE = [
      [SaveLog(A1), DeleteCluster()], "Failed", Reason.BAD_INPUT),
     ("cluster lost mid-run", running(), dict(cluster=C.ABSENT),
      [CreateCluster()], "Retrying", Reason.CLUSTER_LOST),
-    ("cluster broken mid-run", running(), dict(cluster=C.FAILED),
-     [DeleteCluster()], "Retrying", Reason.CLUSTER_FAILED),
+    ("head pod down mid-run: wait, count nothing yet", running(), dict(cluster=C.HEAD_DOWN),
+     [], "Running", Reason.HEAD_NOT_READY),
+    ("head back, its Ray forgot the submitted job: a failed attempt", running(),
+     dict(cluster=C.READY, ray=R.NOT_FOUND), [SaveLog(A1)], "Retrying", Reason.RAY_JOB_LOST),
+    ("head back, job forgotten, out of retries", running(retries=3),
+     dict(cluster=C.READY, ray=R.NOT_FOUND), [SaveLog(A1), DeleteCluster()], "Failed",
+     Reason.BACKOFF_LIMIT_EXCEEDED),
+    ("pods unschedulable: wait, nothing deleted", {"phase": "Provisioning"},
+     dict(cluster=C.PROVISIONING, blocked=UNSCHEDULABLE), [], "Provisioning",
+     Reason.UNSCHEDULABLE),
+    ("a retry's pods unschedulable: still Retrying", {"phase": "Retrying", "retries": 1},
+     dict(cluster=C.PROVISIONING, blocked=UNSCHEDULABLE), [], "Retrying",
+     Reason.UNSCHEDULABLE),
+    ("KubeRay refuses the cluster: wait, nothing deleted", {"phase": "Provisioning"},
+     dict(cluster=C.PROVISIONING, blocked=REFUSED), [], "Provisioning",
+     Reason.CLUSTER_REFUSED),
     ("cluster lost, out of retries", running(retries=3), dict(cluster=C.ABSENT),
      [], "Failed", Reason.BACKOFF_LIMIT_EXCEEDED),
     ("deadline passed while running",
@@ -188,12 +208,51 @@ def test_submit_decides_its_outcomes_once():
     assert running_now.requeue_after is None and pending.requeue_after is None
 
 
-def test_a_lost_job_resubmitted_while_running_goes_running_again():
-    # The Ray head lost the job of a Running attempt (issue 11 counts it): the resubmission's
-    # outcome starts the running period again.
+def test_a_job_the_head_forgot_counts_and_the_next_attempt_gets_a_new_id():
+    # KubeRay restarted the head (container or pod): its Ray has no record of the submitted
+    # job. The same id is never submitted again; the next attempt resumes from the checkpoint.
     d = decide(obs(running(), cluster=C.READY, ray=R.NOT_FOUND))
-    assert d.phase == "Provisioning"
-    assert "runningSince" in d.after_submit[R.RUNNING].status
+    assert d.status == {"retries": 1, "rayJobId": A2}
+    assert not any(isinstance(a, Submit) for a in d.actions)
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", Reason.RAY_JOB_LOST)]
+    assert "head restarted" in d.message
+    # The next pass submits A2, which counts nothing more and goes Running when Ray runs it.
+    nxt = decide(obs({"phase": "Retrying", "rayJobId": A2, "retries": 1,
+                      "startTime": "2026-11-24T11:00:00Z", "conditions": [
+                          {"type": "Submitted", "status": "False", "reason": "RayJobLost"}]},
+                     cluster=C.READY, ray=R.NOT_FOUND))
+    assert nxt.actions == [Submit(A2)] and "retries" not in nxt.status
+    assert "runningSince" in nxt.after_submit[R.RUNNING].status
+
+
+def test_a_job_not_yet_submitted_is_submitted_not_counted():
+    # Not found, and the status does not say it was submitted (a pass that died before its
+    # submission, or a fresh id): that is the normal submission, not a lost job.
+    for status in ({"phase": "Provisioning", "rayJobId": A1},
+                   {"phase": "Running", "rayJobId": A2, "retries": 1,
+                    "conditions": [{**SUBMITTED, "status": "False"}]}):
+        d = decide(obs(status, cluster=C.READY, ray=R.NOT_FOUND))
+        assert [type(a) for a in d.actions] == [Submit] and "retries" not in d.status
+
+
+def test_blocked_cluster_says_why_once_and_backs_off():
+    d = decide(obs({"phase": "Provisioning"}, cluster=C.PROVISIONING, blocked=UNSCHEDULABLE))
+    assert not d.backoff and d.requeue_after is None  # the reconcile interval: a node may join
+    assert not d.actions and "retries" not in d.status
+    assert UNSCHEDULABLE[1] in d.conditions[0].message
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", Reason.UNSCHEDULABLE)]
+    ready = {"type": "Ready", "status": "False", "reason": d.conditions[0].reason,
+             "message": d.conditions[0].message}
+    again = decide(obs({"phase": "Provisioning", "conditions": [ready]},
+                       cluster=C.PROVISIONING, blocked=UNSCHEDULABLE))
+    assert again.events == []
+
+
+def test_head_down_names_kuberays_words():
+    d = decide(obs(running(), cluster=C.HEAD_DOWN,
+                   head_trouble="HeadPodNotReady: containers with unready status: [ray-head]"))
+    assert "containers with unready status" in d.conditions[0].message
+    assert d.status == {} and d.actions == []
 
 
 def test_outcomes_carry_a_rejected_spec_change():

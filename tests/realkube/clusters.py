@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import kopf
-
 from api.cases import make
 from finetune_api.model import FineTuneJob
 from finetune_operator import raycluster
@@ -14,7 +12,7 @@ from finetune_testbed.nodes import GPU_POOL
 
 def create_job_cluster(stack, ns: str, name: str, edit=None, **changes) -> dict:
     """A FineTuneJob (cases.BASE on the GPU pool, with `changes`) and the RayCluster the
-    operator would create for it (its builder, adopted as reconcile.create_cluster does);
+    operator would create for it (its builder, exactly as reconcile.create_cluster sends it);
     no operator runs. `edit(cluster)`, if given, changes the built RayCluster first."""
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     doc = make(**{"metadata": {"name": name, "namespace": ns},
@@ -25,7 +23,6 @@ def create_job_cluster(stack, ns: str, name: str, edit=None, **changes) -> dict:
     assert status == 201, job_body.get("message")
     job = FineTuneJob.from_document(job_body)
     cluster = raycluster.build_raycluster(job, Settings())
-    kopf.adopt(cluster, owner=job_body)
     if edit:
         edit(cluster)
     status, created = stack.request("POST", f"/apis/ray.io/v1/namespaces/{ns}/rayclusters",

@@ -77,3 +77,32 @@ def test_what_kuberay_reports_when_the_head_pod_is_lost(kubestack, node_pool):
     final = cluster()
     assert final["status"].get("state") != "failed"
     assert _condition(final, "HeadPodReady").get("status") == "False"
+
+
+def test_kuberay_refuses_a_cluster_name_with_a_leading_digit_in_an_event_only(kubestack):
+    """Why job names start with a letter (the CRD's rule, tests/api/cases.py): KubeRay's
+    ValidateRayClusterMetadata refuses a RayCluster name that is not a DNS-1035 label. It
+    writes no status and no token Secret, only an Event, which the operator reads
+    (observe.refusal) for a cluster that never gets a condition."""
+    from finetune_operator.observe import refusal
+
+    ns = f"digit-{uuid.uuid4().hex[:5]}"
+    kubestack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    body = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": "1abc", "namespace": ns},
+            "spec": {"rayVersion": "2.60.0", "authOptions": {"mode": "token"},
+                     "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {
+                         "containers": [{"name": "ray-head", "image": "ray"}]}}}}}
+    status, created = kubestack.request("POST", f"/apis/ray.io/v1/namespaces/{ns}/rayclusters",
+                                        body)
+    assert status == 201, created.get("message")
+
+    def refused():
+        events = kubestack.get("events", "-n", ns)["items"]
+        return refusal(events, created["metadata"]["uid"])
+    words = wait_for("KubeRay's Event refusing the cluster", refused)
+    assert words.startswith("InvalidRayClusterMetadata:") and "DNS1035" in words, words
+    cluster = kubestack.get("raycluster", "-n", ns, "1abc")
+    assert not (cluster.get("status") or {}).get("conditions")
+    assert kubestack.request("GET", f"/api/v1/namespaces/{ns}/secrets/rabc")[0] == 404
+    assert kubestack.request("GET", f"/api/v1/namespaces/{ns}/secrets/1abc")[0] == 404

@@ -37,11 +37,20 @@ rules with the API calls recorded while the operator runs.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Events on the FineTuneJob: the operator's phase changes (kube.py post_event) and kopf's
-# handler errors (posting level ERROR).
+# create: Events on the FineTuneJob, the operator's phase changes (kube.py post_event) and
+# kopf's handler errors (posting level ERROR). list: a RayCluster KubeRay never reports on is
+# one it refused (its validation says why only in an Event on the RayCluster), read by
+# field selector while such a cluster does not come up (reconcile.observe_blocked).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+# list (by label ray.io/cluster): the pods of a RayCluster that does not come up, whose
+# PodScheduled condition carries the scheduler's reason (Unschedulable: no node of the pool,
+# not enough GPUs) into the job's status. Only while the cluster is not ready; no get, watch
+# or any write: the operator never touches pods.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- if and .Values.peering.enabled (not (include "finetune-operator.clusterwide" .)) }}
 # kopf peering in namespaced mode: each replica watches the KopfPeering of every watched
 # namespace and patches its own keep-alive entry into it.
