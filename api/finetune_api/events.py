@@ -7,7 +7,7 @@ line (`parse_event_line`). Every event carries `"event"`:
 - `started`:    {totalSteps, resumedFromStep, workers, strategy}
 - `progress`:   {step, totalSteps, epoch, loss, learningRate, tokensPerSecond, etaSeconds}
 - `checkpoint`: {step, uri}
-- `completed`:  {step, loss, modelUri}
+- `completed`:  {step, loss, modelUri, adapterUri} (those of FineTuneJob.outputs the job wrote)
 - `failed`:     {reason, message}
 """
 
@@ -17,7 +17,11 @@ import json
 import time
 from typing import Any, Iterable
 
+from .schema import STATUS
+
 EVENT_KINDS = ("started", "progress", "checkpoint", "completed", "failed")
+# The `completed` event's fields that name what the run wrote: status.output's.
+OUTPUT_KEYS = tuple(STATUS["properties"]["output"]["properties"])
 _MARKER = '{"event": '
 
 

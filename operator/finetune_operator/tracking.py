@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from finetune_api.events import parse_event_line
+from finetune_api.events import OUTPUT_KEYS, parse_event_line
 
 # status.logTail is for a glance in `kubectl describe`; the full log is stored elsewhere.
 LOG_TAIL_MAX_CHARS = 4000
@@ -140,9 +140,10 @@ def apply_events(events: list[dict[str, Any]],
                 progress["loss"] = loss
             progress["updatedAt"] = _time(e)
             changed["progress"] = True
-            if isinstance(e.get("modelUri"), str):
-                output["modelUri"] = e["modelUri"]
-                changed["output"] = True
+            for key in OUTPUT_KEYS:
+                if isinstance(e.get(key), str):
+                    output[key] = e[key]
+                    changed["output"] = True
         elif kind == "failed":
             failure = f"{e.get('reason', 'Failed')}: {e.get('message', '')}".strip()
     return Tracked(progress=progress if changed["progress"] else {},

@@ -41,6 +41,8 @@ PASSED_ENV = ("TORCH_EXTENSIONS_DIR", "FINETUNE_CACHE_DIR", "FINETUNE_FAULT_AFTE
 # SYNC 5-6 s), and a crash during an upload loses that checkpoint, which was never announced:
 # a retry resumes from the one before, as announced.
 UPLOAD_MODE_ENV = "FINETUNE_CHECKPOINT_UPLOAD_MODE"
+# status.output's keys (FineTuneJob.outputs) as the last line names them.
+OUTPUT_WORDS = {"modelUri": "final model", "adapterUri": "adapter"}
 DEFAULT_UPLOAD_MODE = "ASYNC"
 
 
@@ -230,9 +232,11 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
         return fail(reason, f"training failed: {type(cause).__name__}: {_one_line(cause)}", code)
     _drain_logs()
     metrics = result.metrics or {}
-    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri)
+    outputs = job.outputs
+    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), **outputs)
+    wrote = "; ".join(f"{OUTPUT_WORDS[k]}: {v}" for k, v in outputs.items())
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
-          f"final model: {job.final_model_uri}", flush=True)
+          f"{wrote}", flush=True)
     return EXIT_OK
 
 

@@ -94,7 +94,7 @@ class Trainer:
         spec, training = self.spec, self.training
         _seed_everything(training.seed)
         strategy = strategies.lookup(spec.strategy.type)  # an unknown type fails before any download
-        model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
+        self.model_path = model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
         self.tokenizer = load_tokenizer(model_path, spec.model.revision)
         docs = load_shard(resolve(spec.dataset.uri, self.settings), spec.dataset.format, spec.dataset.text_field,
                           self.rank, self.world)
@@ -224,9 +224,11 @@ class Trainer:
     # --- the end ---------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """Collective: the consolidated Hugging Face model, written by rank 0, and the last report."""
+        """Collective: the consolidated Hugging Face model (or the adapter, and the merged model
+        when asked), written by rank 0, and the last report."""
         import ray.train
 
+        from .adapters import write_adapter_outputs
         from .model_io import write_final_model
         from .storage import resolve
 
@@ -234,10 +236,14 @@ class Trainer:
             self.announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # ASYNC uploads still running
         full = self.strategy.final_state_dict()  # the gather is collective
         if self.rank == 0:
-            write_final_model(self.strategy.hf_model, full, self.tokenizer,
-                              resolve(self.job.final_model_uri, self.settings))
+            if self.spec.adapter is not None:
+                write_adapter_outputs(self.job, self.strategy.hf_model, full, self.tokenizer, self.model_path,
+                                      self.settings)
+            else:
+                write_final_model(self.strategy.hf_model, full, self.tokenizer,
+                                  resolve(self.job.final_model_uri, self.settings))
         dist.barrier()
-        ray.train.report({"step": self.state.step, "loss": self.loss, "model_uri": self.job.final_model_uri})
+        ray.train.report({"step": self.state.step, "loss": self.loss, "outputs": self.job.outputs})
 
 
 def train_func(config: dict) -> None:
