@@ -115,6 +115,8 @@ def write_merged_model(job, model_path: str, adapter_dir: str, tokenizer, out_di
     merged = PeftModel.from_pretrained(base, adapter_dir, adapter_name=ADAPTER_NAME).merge_and_unload()
     saved = getattr(AutoConfig.from_pretrained(model_path, revision=revision or None,
                                                token=os.environ.get("HF_TOKEN") or None), "dtype", None)
+    if isinstance(saved, str):  # config.json spells it ("bfloat16")
+        saved = getattr(torch, saved, None)
     if isinstance(saved, torch.dtype) and saved != torch.float32:
         merged = merged.to(saved)
     merged.save_pretrained(out_dir)
