@@ -11,6 +11,8 @@ BENCHMARKS = {
     "trainer_overhead": "bench.trainer_overhead",
     "checkpoint_io": "bench.checkpoint_io",
     "gpu_throughput": "bench.gpu_throughput",
+    "lora_vs_full": "bench.lora_vs_full",
+    "gpu_qlora": "bench.gpu_qlora",
 }
 
 
@@ -27,7 +29,17 @@ def main(argv: list[str]) -> int:
         return importlib.import_module(BENCHMARKS[name]).main(argv[1:]) or 0
     failures = []
     for name, module in BENCHMARKS.items():
-        if name == "gpu_throughput":
+        if name == "gpu_qlora":
+            try:
+                import torch
+                has_gpu = torch.cuda.is_available()
+            except ImportError:
+                has_gpu = False
+            if not has_gpu:
+                print("\n=== gpu_qlora: skipped, no GPU (bench/gpu.sh --qlora) ===", flush=True)
+                continue
+            args = []
+        elif name == "gpu_throughput":
             # Needs an NVIDIA GPU for its real figures (bench/gpu.sh); without one its CPU smoke
             # mode only proves the code path, so the full suite runs that.
             args = ["--device", "cpu", "--tiny"]

@@ -5,6 +5,9 @@
 #   bench/gpu.sh                      # the real run (needs an NVIDIA GPU and a CUDA build of torch)
 #   bench/gpu.sh --steps 50 --micro-batch 8
 #   bench/gpu.sh --device cpu --tiny  # smoke mode: exercises the code path on any machine
+#   bench/gpu.sh --qlora              # QLoRA's GPU path instead (bitsandbytes 4-bit base, LoRA,
+#                                     # ZeRO-2): trains, checks the adapter and merged model
+#                                     # (bench/gpu_qlora.py; untested until a GPU is lent)
 #
 # Results: bench/results/gpu_throughput.json (smoke mode: gpu_throughput_smoke.json).
 # Environment: PYTHON (default .venv/bin/python) must have the project installed
@@ -14,6 +17,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 
+bench=gpu_throughput
+if [[ "${1:-}" == "--qlora" ]]; then
+    bench=gpu_qlora
+    shift
+    # The CPU install leaves bitsandbytes out; a GPU machine's environment must add it.
+    if ! "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
+        echo "gpu.sh: --qlora needs bitsandbytes in $PYTHON (pip install bitsandbytes)" >&2
+        exit 2
+    fi
+fi
 smoke=0
 for arg in "$@"; do [[ "$arg" == "--tiny" || "$arg" == "cpu" ]] && smoke=1; done
 
@@ -34,4 +47,4 @@ fi
 # DeepSpeed JIT-builds its ops once per machine; keep them with the repository's cache.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 export RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0
-exec "$PYTHON" -m bench gpu_throughput "$@"
+exec "$PYTHON" -m bench "$bench" "$@"

@@ -14,6 +14,8 @@ import json
 import time
 from typing import Any, Iterable
 
+from .schema import STATUS
+
 EVENTS: dict[str, dict[str, str]] = {
     "started": {
         "totalSteps": "optimizer steps of the whole run",
@@ -62,7 +64,9 @@ EVENTS: dict[str, dict[str, str]] = {
     "completed": {
         "step": "the last step",
         "loss": "its loss",
-        "modelUri": "the final model (Hugging Face format)",
+        "modelUri": "the final model (Hugging Face format; with an adapter: the merged model, "
+                    "when spec.adapter.merge)",
+        "adapterUri": "the trained adapter in PEFT's layout (with spec.adapter)",
         "evalLoss": "the last evaluation loss (with an evaluation set)",
         "lossCurveUri": "the loss-curve PNG, when it could be drawn",
     },
@@ -78,6 +82,8 @@ EVENTS: dict[str, dict[str, str]] = {
     },
 }
 EVENT_KINDS = tuple(EVENTS)
+# The `completed` event's fields that name what the run wrote: status.output's.
+OUTPUT_KEYS = tuple(STATUS["properties"]["output"]["properties"])
 _MARKER = '{"event": '
 
 

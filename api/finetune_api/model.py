@@ -74,10 +74,12 @@ def _section(class_name: str, node: schema.Schema,
         name = _snake(key)
         if _is_section(prop):
             kind = _section(key[:1].upper() + key[1:], prop, methods)
-            # A section with required fields of its own (spec.tracking.mlflow) has no empty
-            # form: absent, it reads as None.
-            default: Any = None if prop.get("required") else \
-                dataclasses.field(default_factory=functools.partial(kind.from_dict, {}))
+            if prop.get("required") and key not in node.get("required", ()):
+                # An optional section with required fields (spec.adapter): absent reads as None,
+                # since no section could be made without them.
+                default: Any = None
+            else:
+                default = dataclasses.field(default_factory=functools.partial(kind.from_dict, {}))
         else:
             kind = Any
             value = prop.get("default", {"object": {}, "array": []}.get(prop.get("type")))
@@ -140,7 +142,23 @@ class FineTuneJob:
 
     @property
     def final_model_uri(self) -> str:
+        """The full model: the trained one, or with an adapter the merged one."""
         return f"{self.checkpoint_run_uri}/final"
+
+    @property
+    def adapter_uri(self) -> str | None:
+        return f"{self.checkpoint_run_uri}/adapter" if self.spec.adapter else None
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """What a finished run wrote, as status.output names it: modelUri (no adapter, or
+        one merged) and adapterUri (with an adapter)."""
+        out = {}
+        if not self.spec.adapter or self.spec.adapter.merge:
+            out["modelUri"] = self.final_model_uri
+        if self.adapter_uri:
+            out["adapterUri"] = self.adapter_uri
+        return out
 
     def to_yaml(self) -> str:
         return dump(self.document)  # quoted where kubectl would read a string otherwise

@@ -186,6 +186,45 @@ STRATEGY = obj(
     default={},
 )
 
+ADAPTER_TYPES = ("lora", "qlora")
+# PEFT's name for "every linear layer but the output head": for Llama-style models (Llama,
+# Mistral, Qwen2, the tiny model) the attention and MLP projections q/k/v/o_proj and
+# gate/up/down_proj, and the same idea for any other architecture PEFT can load.
+DEFAULT_TARGET_MODULES = "all-linear"
+
+ADAPTER = obj(
+    "Train a low-rank adapter (LoRA, through PEFT) instead of every weight: the base model "
+    "stays frozen, only the adapter's parameters train and have optimizer state, and the "
+    "checkpoints hold only the adapter and its optimizer state. The adapter goes to "
+    "<checkpoint uri>/<job name>/adapter in PEFT's layout (status.output.adapterUri); with "
+    "merge, the merged full model to .../final (status.output.modelUri). Absent: full "
+    "fine-tuning.",
+    {
+        "type": string("lora (frozen base in the master-weight dtype) or qlora (frozen base "
+                       "quantized to 4-bit NF4 with bitsandbytes; needs GPUs and ZeRO stage 1 "
+                       "or 2).", enum=list(ADAPTER_TYPES)),
+        "rank": integer("The rank r of each low-rank update B·A.", minimum=1, maximum=1024,
+                        default=8),
+        "alpha": integer("LoRA alpha: the update is scaled by alpha / rank.", minimum=1,
+                         maximum=65536, default=16),
+        "dropout": number("Dropout on the adapter's input during training.", minimum=0,
+                          maximum=0.9, default=0.0),
+        "targetModules": {
+            "type": "array",
+            "description": "Names (or name suffixes) of the modules that get an adapter, e.g. "
+                           "[q_proj, v_proj]. Empty: every linear layer except the output "
+                           "head (PEFT's all-linear; the attention and MLP projections of a "
+                           "Llama-style model).",
+            "maxItems": 64,
+            "items": {"type": "string", "minLength": 1, "maxLength": 256},
+        },
+        "merge": boolean("Also write the base model with the adapter merged into its weights "
+                         "(a full model in the base model's dtype, loadable without PEFT).",
+                         default=False),
+    },
+    required=("type",),
+)
+
 TRAINING = obj(
     "The optimisation loop.",
     {
@@ -361,6 +400,7 @@ SPEC = obj(
         "dataset": DATASET,
         "strategy": STRATEGY,
         "training": TRAINING,
+        "adapter": ADAPTER,
         "resources": RESOURCES,
         "checkpoint": CHECKPOINT,
         "s3": S3,
@@ -384,6 +424,16 @@ SPEC = obj(
              "|| has(self.dataset.evalFraction)",
              "evalEverySteps needs an evaluation set (dataset.evalUri or dataset.evalFraction)",
              ".training.evalEverySteps"),
+        rule("!has(self.adapter) || self.adapter.type != 'qlora' "
+             "|| self.resources.gpusPerWorker > 0",
+             "qlora needs GPUs (gpusPerWorker > 0): bitsandbytes' 4-bit weights compute on "
+             "CUDA only; use type lora on CPU", ".adapter.type"),
+        rule("!has(self.adapter) || self.adapter.type != 'qlora' "
+             "|| (self.strategy.type == 'deepspeed' && has(self.strategy.deepspeed) "
+             "&& self.strategy.deepspeed.stage < 3)",
+             "qlora needs strategy deepspeed with stage 1 or 2: ZeRO-3 and FSDP would shard "
+             "the 4-bit base weights, which they cannot partition as loaded here",
+             ".adapter.type"),
     ),
 )
 
@@ -436,7 +486,9 @@ STATUS = obj(
                                     "last step)."),
         }),
         "output": obj("What the job produced.", {
-            "modelUri": string("The consolidated Hugging Face model."),
+            "modelUri": string("The consolidated Hugging Face model (with an adapter: the "
+                               "merged model, when spec.adapter.merge)."),
+            "adapterUri": string("The trained adapter in PEFT's layout (with spec.adapter)."),
             "lossCurveUri": string("The loss curve, a PNG next to the checkpoints."),
         }),
         "tracking": obj("Where the run's metrics are.", {

@@ -47,7 +47,8 @@ class Phase(Vocabulary):
     RETRYING = "Retrying", (
         "An attempt failed or lost its RayCluster; the next resumes from the latest checkpoint.")
     SUSPENDED = "Suspended", "runPolicy.suspend: the Ray job is stopped and the RayCluster deleted."
-    SUCCEEDED = "Succeeded", "Training finished; status.output.modelUri is the model."
+    SUCCEEDED = "Succeeded", ("Training finished; status.output.modelUri is the model "
+                              "(with spec.adapter: adapterUri the adapter, modelUri the merged model).")
     FAILED = "Failed", (
         "Ended without a model: backoff limit, deadline, or an error no retry can fix.")
 

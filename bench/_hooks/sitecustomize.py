@@ -5,13 +5,15 @@ Python imports `sitecustomize` in every process that inherits the environment (t
 trainer process, the Ray workers). When one of the modules below finishes importing, one of its
 functions is wrapped so that it prints `{"bench": "<mark>", "time": <epoch s>, "pid": ...}` before
 and after the call; Ray forwards worker stdout to the driver log, where the benchmark reads the
-marks beside the trainer's own `started`/`progress` events. Without BENCH_TIMING nothing happens.
+marks beside the trainer's own `started`/`progress` events. With BENCH_MEMORY=1 (lora_vs_full) it
+also prints the prepared model's trainable parameters and, when training ends, each rank's
+optimizer-state bytes and peak RSS. Without BENCH_TIMING or BENCH_MEMORY nothing happens.
 """
 from __future__ import annotations
 
 import os
 
-if os.environ.get("BENCH_TIMING") == "1":
+if os.environ.get("BENCH_TIMING") == "1" or os.environ.get("BENCH_MEMORY") == "1":
     import functools
     import importlib.abc
     import json
@@ -46,9 +48,60 @@ if os.environ.get("BENCH_TIMING") == "1":
                       ("get_all_reported_checkpoints", "wait_registered")],
     }
 
+    def record(name: str, **fields) -> None:
+        sys.stdout.write(json.dumps({"bench": name, "time": time.time(), "pid": os.getpid(), **fields}) + "\n")
+        sys.stdout.flush()
+
+    def reports_trainable(fn):
+        """model_prep.prepare_model: the prepared model's trainable and total parameters, before
+        any strategy partitions or flattens them (bench/lora_vs_full)."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            prep = fn(*args, **kwargs)
+            params = list(prep.model.parameters())
+            record("params", trainable=sum(p.numel() for p in params if p.requires_grad),
+                   total=sum(p.numel() for p in params))
+            return prep
+        return wrapper
+
+    def _optimizer_state_bytes(strategy) -> int:
+        import torch
+
+        # FSDP's torch AdamW, or the one DeepSpeed's ZeRO optimizer wraps (over its fp32 partitions).
+        opt = getattr(strategy, "optimizer", None) or strategy.engine.optimizer
+        while hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                   if torch.is_tensor(t))
+
+    def _peak_rss_kb() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+    def patch_trainer(cls):
+        """train_loop.Trainer: each rank's optimizer-state bytes and peak RSS when training ends."""
+        finish = cls.finish
+
+        @functools.wraps(finish)
+        def wrapper(self, *args, **kwargs):
+            record("memory", rank=self.rank, optimizer_state_bytes=_optimizer_state_bytes(self.strategy),
+                   peak_rss_kb=_peak_rss_kb())
+            return finish(self, *args, **kwargs)
+        cls.finish = wrapper
+        return cls
+
+    if os.environ.get("BENCH_MEMORY") == "1":
+        PATCHES_OTHER = {"finetune_trainer.model_prep": [("prepare_model", reports_trainable)],
+                         "finetune_trainer.train_loop": [("Trainer", patch_trainer)]}
+    else:
+        PATCHES_OTHER = {}
+
+    if os.environ.get("BENCH_TIMING") != "1":
+        PATCHES = {}
+
     class _Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name not in PATCHES:
+            if name not in PATCHES and name not in PATCHES_OTHER:
                 return None
             for finder in sys.meta_path:
                 if finder is self:
@@ -59,9 +112,12 @@ if os.environ.get("BENCH_TIMING") == "1":
 
                     def exec_and_patch(module, _exec=exec_module, _name=name):
                         _exec(module)
-                        for attr, label in PATCHES[_name]:
+                        for attr, label in PATCHES.get(_name, ()):
                             if hasattr(module, attr):
                                 setattr(module, attr, timed(label, getattr(module, attr)))
+                        for attr, wrap in PATCHES_OTHER.get(_name, ()):
+                            if hasattr(module, attr):
+                                setattr(module, attr, wrap(getattr(module, attr)))
                     spec.loader.exec_module = exec_and_patch
                     return spec
             return None

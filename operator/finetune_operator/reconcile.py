@@ -524,7 +524,7 @@ class Reconciler:
                 self.metrics.time_to_running.observe((now - created).total_seconds())
         changes = status_changes(status, decision, generation=world.obs.generation,
                                  now=phases.iso(now), observed=observed,
-                                 model_uri=world.job.final_model_uri if world.job else None)
+                                 outputs=world.job.outputs if world.job else None)
         if changes:
             # What the API server returns is the next pass's status.
             written = await self.kube.patch_job_status(meta["namespace"], meta["name"], changes)

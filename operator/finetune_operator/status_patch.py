@@ -25,20 +25,21 @@ def merge_conditions(existing: list[dict[str, Any]], new: list[phases.Condition]
 
 def status_changes(status: dict[str, Any], decision: phases.Decision, *, generation: int,
                    now: str, observed: dict[str, Any] | None = None,
-                   model_uri: str | None = None) -> dict[str, Any]:
+                   outputs: dict[str, str] | None = None) -> dict[str, Any]:
     """The fields of status a pass writes: only those that differ from `status`.
 
     `observed` holds what the pass saw and did beside the decision (the trainer's progress,
     the RayCluster's name, a failed attempt's log); the decision's own fields win over it.
-    `model_uri` is the job's final model, recorded when it succeeds.
+    `outputs` is what the job writes (FineTuneJob.outputs: modelUri, adapterUri), recorded
+    when it succeeds unless the trainer's `completed` event already named them.
     """
     patch = dict(observed or {})
     patch.update(decision.status)
     if decision.phase == Phase.SUCCEEDED and status.get("phase") != Phase.SUCCEEDED:
         output = dict(status.get("output") or {})
         output.update(patch.get("output") or {})
-        if model_uri is not None:
-            output.setdefault("modelUri", model_uri)
+        for key, uri in (outputs or {}).items():
+            output.setdefault(key, uri)
         patch["output"] = output
         progress = dict(status.get("progress") or {})
         progress.update(patch.get("progress") or {})

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from finetune_api.events import parse_event_line
+from finetune_api.events import OUTPUT_KEYS, parse_event_line
 from finetune_api.status import Reason
 
 # status.logTail is for a glance in `kubectl describe`; the full log is stored elsewhere.
@@ -203,7 +203,7 @@ def apply_events(events: list[dict[str, Any]],
                 progress["evalLoss"] = eval_loss
             progress["updatedAt"] = _time(e)
             changed["progress"] = True
-            for key in ("modelUri", "lossCurveUri"):
+            for key in OUTPUT_KEYS:
                 if isinstance(e.get(key), str):
                     output[key] = e[key]
                     changed["output"] = True

@@ -76,3 +76,15 @@ def test_typed_model_reads_the_defaulted_document():
     assert job.final_model_uri == "s3://ckpt/runs/case/final"
     fsdp = FineTuneJob.from_document(make(**{"spec.strategy": {"type": "fsdp"}}))
     assert fsdp.spec.strategy.fsdp.sharding_strategy == "FULL_SHARD"
+
+
+def test_adapter_section_defaults_and_the_outputs_a_job_promises():
+    full = FineTuneJob.from_document(make())
+    assert full.spec.adapter is None and full.adapter_uri is None
+    assert full.outputs == {"modelUri": "s3://ckpt/runs/case/final"}
+    lora = FineTuneJob.from_document(make(**{"spec.adapter": {"type": "lora"}}))
+    a = lora.spec.adapter
+    assert (a.type, a.rank, a.alpha, a.dropout, a.target_modules, a.merge) == ("lora", 8, 16, 0.0, [], False)
+    assert lora.outputs == {"adapterUri": "s3://ckpt/runs/case/adapter"}  # no merge: no full model
+    merged = FineTuneJob.from_document(make(**{"spec.adapter": {"type": "lora", "merge": True}}))
+    assert merged.outputs == {"modelUri": "s3://ckpt/runs/case/final", "adapterUri": "s3://ckpt/runs/case/adapter"}

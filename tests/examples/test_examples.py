@@ -33,7 +33,7 @@ def documents(path: Path) -> list[dict]:
 JOB_FILES = sorted(p for p in EXAMPLES.glob("*.yaml")
                    if any(d.get("kind") == KIND for d in documents(p)))
 MINE = ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml", "zero3-cpu-offload.yaml",
-        "kueue-queued.yaml", "llama3-8b-chat.yaml"]
+        "kueue-queued.yaml", "llama3-8b-chat.yaml", "llama2-7b-lora.yaml"]
 
 
 def raw(name: str) -> dict:
@@ -116,6 +116,8 @@ DEEPSPEED_PROMISES = {
     "tiny-cpu.yaml": {"stage": 3, "offload": set(), "bf16": False},  # CPU: fp32
     "tiny-chat-cpu.yaml": {"stage": 3, "offload": set(), "bf16": False},
     "llama3-8b-chat.yaml": {"stage": 3, "offload": set(), "bf16": True},
+    "lora-tiny-cpu.yaml": {"stage": 3, "offload": set(), "bf16": False},
+    "llama2-7b-lora.yaml": {"stage": 3, "offload": set(), "bf16": True},
 }
 
 
@@ -186,7 +188,27 @@ def test_chat_examples_train_on_chat_records_and_evaluate(tmp_path, monkeypatch)
     assert spec.model.uri == f"file://{tmp_path}/.demo/model"
 
 
-@pytest.mark.parametrize("name", ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml", "llama3-8b-chat.yaml"])
+def test_lora_examples_train_an_adapter_and_name_what_they_write(tmp_path, monkeypatch):
+    from finetune_trainer.adapters import lora_config
+
+    tiny = job("lora-tiny-cpu.yaml")
+    # The tiny one: the default targets (every linear layer but the head), adapter and merged
+    # model out, on CPU, next to the plain tiny example's files.
+    assert lora_config(tiny.spec.adapter).target_modules == "all-linear"
+    assert set(tiny.outputs) == {"adapterUri", "modelUri"}
+    assert tiny.spec.resources.gpus_per_worker == 0
+    assert (raw("lora-tiny-cpu.yaml")["spec"]["model"], raw("lora-tiny-cpu.yaml")["spec"]["dataset"]) == \
+        (raw("tiny-cpu.yaml")["spec"]["model"], raw("tiny-cpu.yaml")["spec"]["dataset"])
+    llama = job("llama2-7b-lora.yaml")
+    config = lora_config(llama.spec.adapter)
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"}
+    assert (config.r, config.lora_alpha) == (16, 32) and llama.spec.resources.gpus_per_worker == 1
+    assert set(llama.outputs) == {"adapterUri", "modelUri"}
+
+
+@pytest.mark.parametrize("name", ["llama2-7b-zero3.yaml", "fsdp-hybrid.yaml", "llama3-8b-chat.yaml",
+                                  "llama2-7b-lora.yaml"])
 def test_gpu_examples_land_on_their_node_pool(name):
     spec = raw(name)["spec"]["resources"]
     cluster = raycluster(name)

@@ -42,6 +42,15 @@ def test_checkpoint_and_completion():
     assert tracked.progress["percent"] == 100 and tracked.progress["step"] == 40
 
 
+def test_completion_of_an_adapter_job_names_the_adapter_and_the_merged_model():
+    events = LogCursor("x").feed(log_of(
+        format_event("completed", step=40, loss=0.9, modelUri="s3://ckpt/runs/llama/final",
+                     adapterUri="s3://ckpt/runs/llama/adapter"),
+    ))
+    assert apply_events(events).output == {"modelUri": "s3://ckpt/runs/llama/final",
+                                           "adapterUri": "s3://ckpt/runs/llama/adapter"}
+
+
 def test_cursor_parses_only_new_complete_lines():
     cursor = LogCursor("x")
     first = format_event("progress", step=1, totalSteps=4, loss=3.0)

@@ -194,14 +194,20 @@ STATUS_TABLE = [
     ("success records the model and 100 %",
      {"phase": "Running", "message": "m", "observedGeneration": 1,
       "progress": {"step": 90, "totalSteps": 100, "percent": 90}},
-     phases.Decision(phase="Succeeded", message="done"), {}, "s3://ckpt/llama/final", 1,
+     phases.Decision(phase="Succeeded", message="done"), {}, {"modelUri": "s3://ckpt/llama/final"}, 1,
      {"phase": "Succeeded", "message": "done",
       "output": {"modelUri": "s3://ckpt/llama/final"},
       "progress": {"step": 100, "totalSteps": 100, "percent": 100}}),
+    ("success of an adapter job records the adapter (and the merged model when there is one)",
+     {"phase": "Running", "message": "m", "observedGeneration": 1},
+     phases.Decision(phase="Succeeded", message="done"), {},
+     {"adapterUri": "s3://ckpt/llama/adapter"}, 1,
+     {"phase": "Succeeded", "message": "done", "output": {"adapterUri": "s3://ckpt/llama/adapter"},
+      "progress": {"percent": 100}}),
     ("a model the trainer reported is kept",
      {"phase": "Running", "message": "m", "observedGeneration": 1},
      phases.Decision(phase="Succeeded", message="done"), {"output": {"modelUri": "s3://own"}},
-     "s3://ckpt/llama/final", 1,
+     {"modelUri": "s3://ckpt/llama/final"}, 1,
      {"phase": "Succeeded", "message": "done", "output": {"modelUri": "s3://own"},
       "progress": {"percent": 100}}),
     ("a new generation is written even without news",
@@ -210,11 +216,11 @@ STATUS_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("status,decision,observed,model_uri,generation,changes",
+@pytest.mark.parametrize("status,decision,observed,outputs,generation,changes",
                          [row[1:] for row in STATUS_TABLE], ids=[row[0] for row in STATUS_TABLE])
-def test_status_changes(status, decision, observed, model_uri, generation, changes):
+def test_status_changes(status, decision, observed, outputs, generation, changes):
     assert status_changes(status, decision, generation=generation, now=NOW, observed=observed,
-                          model_uri=model_uri) == changes
+                          outputs=outputs) == changes
 
 
 def test_status_changes_merge_conditions():

@@ -16,9 +16,11 @@ BASE = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata"
                  "checkpoint": {"uri": "file:///c"}, "resources": {"gpusPerWorker": 0}}}
 
 
-def job_with(**training) -> FineTuneJob:
+def job_with(adapter: dict | None = None, **training) -> FineTuneJob:
     doc = json.loads(json.dumps(BASE))
     doc["spec"]["training"] = training
+    if adapter is not None:
+        doc["spec"]["adapter"] = adapter
     return FineTuneJob.from_document(doc)
 
 
@@ -92,3 +94,63 @@ def test_a_step_added_to_steps_runs_on_the_loaded_model_and_the_optimizer_follow
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(frozen) not in trained
     assert len(trained) == sum(1 for p in prep.model.parameters() if p.requires_grad)
+
+
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _adapted_modules(model) -> set[str]:
+    """The names of the modules PEFT put a LoRA layer on, relative to the base model."""
+    return {n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0]
+            for n, _ in model.named_parameters() if ".lora_A." in n}
+
+
+def test_lora_step_freezes_the_base_and_the_optimizer_and_its_state_cover_only_the_adapter(tiny_model_dirs):
+    from peft import PeftModel
+
+    prep = model_prep.prepare_model(job_with({"type": "lora", "rank": 4, "alpha": 8}, precision="fp32"),
+                                    tiny_model_dirs["fp32"])
+    model = prep.model
+    assert isinstance(model, PeftModel) and model.training
+    layers = model.config.num_hidden_layers
+    # The default targets: every attention and MLP projection of every layer, not the output head.
+    assert _adapted_modules(model) == {f"model.layers.{i}.{kind}.{p}" for i in range(layers)
+                                       for kind, names in (("self_attn", PROJECTIONS - {"gate_proj", "up_proj", "down_proj"}),
+                                                           ("mlp", {"gate_proj", "up_proj", "down_proj"}))
+                                       for p in names}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    lora_a = next(p for n, p in trainable.items() if ".lora_A." in n)
+    assert lora_a.shape[0] == 4  # the rank
+    assert model.peft_config["default"].lora_alpha == 8
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = make_optimizer(model.named_parameters(), prep.training, True, prep.no_decay)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in trainable.values()}
+    ids = torch.arange(2 * 16).reshape(2, 16) % model.config.vocab_size
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    # Optimizer state (AdamW's two moments) exists for the adapter alone...
+    assert {id(p) for p in opt.state} == {id(p) for p in trainable.values()}
+    state_numel = sum(t.numel() for st in opt.state.values() for t in st.values() if t.ndim)
+    assert state_numel == 2 * sum(p.numel() for p in trainable.values())
+    # ...and the base did not move.
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+
+
+def test_lora_target_modules_pick_the_layers_and_unknown_ones_are_bad_input(tiny_model_dirs):
+    from finetune_trainer.errors import BadInputError
+
+    prep = model_prep.prepare_model(job_with({"type": "lora", "targetModules": ["q_proj", "v_proj"]}, precision="fp32"),
+                                    tiny_model_dirs["fp32"])
+    assert {m.rsplit(".", 1)[1] for m in _adapted_modules(prep.model)} == {"q_proj", "v_proj"}
+    with pytest.raises(BadInputError, match=r"^spec\.adapter\.targetModules: .*nope"):
+        model_prep.prepare_model(job_with({"type": "lora", "targetModules": ["nope"]}, precision="fp32"),
+                                 tiny_model_dirs["fp32"])
+
+
+def test_without_an_adapter_every_weight_trains(tiny_model_dirs):
+    prep = model_prep.prepare_model(job_with(precision="fp32"), tiny_model_dirs["fp32"])
+    assert prep.job.spec.adapter is None
+    assert all(p.requires_grad for p in prep.model.parameters())

@@ -43,6 +43,8 @@ PASSED_ENV = ("TORCH_EXTENSIONS_DIR", "FINETUNE_CACHE_DIR", "FINETUNE_FAULT_AFTE
 # SYNC 5-6 s), and a crash during an upload loses that checkpoint, which was never announced:
 # a retry resumes from the one before, as announced.
 UPLOAD_MODE_ENV = "FINETUNE_CHECKPOINT_UPLOAD_MODE"
+# status.output's keys (FineTuneJob.outputs) as the last line names them.
+OUTPUT_WORDS = {"modelUri": "final model", "adapterUri": "adapter"}
 DEFAULT_UPLOAD_MODE = "ASYNC"
 
 _step_watch = stopping.StepWatch()
@@ -350,14 +352,15 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
     stopping.fit_done()
     _drain_logs()
     metrics = result.metrics or {}
+    outputs = job.outputs
     curve = draw_loss_curve(job)
     extra = {"evalLoss": metrics["eval_loss"]} if metrics.get("eval_loss") is not None else {}
     if curve:
         extra["lossCurveUri"] = curve
-    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), modelUri=job.final_model_uri,
-         **extra)
+    emit("completed", step=metrics.get("step"), loss=metrics.get("loss"), **outputs, **extra)
+    wrote = "; ".join(f"{OUTPUT_WORDS[k]}: {v}" for k, v in outputs.items())
     print(f"finetune-train: done in {time.monotonic() - started:.0f}s; checkpoints: {job.checkpoint_run_uri}/ ; "
-          f"final model: {job.final_model_uri}" + (f" ; loss curve: {curve}" if curve else ""), flush=True)
+          f"{wrote}" + (f" ; loss curve: {curve}" if curve else ""), flush=True)
     return EXIT_OK
 
 

@@ -122,12 +122,13 @@ def load_tokenizer(path: str, revision: str | None):
     return tok
 
 
-def load_model(path: str, revision: str | None, dtype):
+def load_model(path: str, revision: str | None, dtype, **extra):
+    """`extra`: more from_pretrained arguments (QLoRA's quantization_config and device_map)."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, revision=revision or None, dtype=dtype,
-                                                    token=os.environ.get("HF_TOKEN") or None)
+                                                    token=os.environ.get("HF_TOKEN") or None, **extra)
     except Exception as exc:
         _bad_local_model("model", path, exc)
         raise

@@ -3,7 +3,7 @@
 Every strategy calls `prepare_model` before it shards or wraps the model, so ZeRO and FSDP train
 the same prepared model. The steps run in the order of STEPS; each takes the `ModelPrep` and
 changes it in place. Adding a step (adapters, loading on the meta device) is one function and
-one line in STEPS.
+one line in STEPS (`adapter` is one: adapters.apply_adapter).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import model_io
+from . import adapters, model_io
 
 # spec.training.precision -> the dtype the weights are loaded and kept in. Mixed precision keeps
 # fp32 master weights: the strategy casts for the math (DeepSpeed's bf16/fp16 engine, FSDP's
@@ -45,8 +45,15 @@ def set_precision(prep: ModelPrep) -> None:
 
 
 def load(prep: ModelPrep) -> None:
+    extra = {}
+    adapter = prep.job.spec.adapter
+    if adapter is not None and adapter.type == "qlora":
+        # QLoRA's frozen base is quantized while it loads, onto this rank's GPU (admission
+        # allows qlora only with GPUs).
+        extra = {"quantization_config": adapters.quantization_config(COMPUTE_DTYPE[prep.training.precision]),
+                 "device_map": {"": torch.cuda.current_device()}}
     # Through the module attribute, so a wrapper put on model_io.load_model (bench/_hooks) sees it.
-    prep.model = model_io.load_model(prep.path, prep.job.spec.model.revision, prep.dtype)
+    prep.model = model_io.load_model(prep.path, prep.job.spec.model.revision, prep.dtype, **extra)
 
 
 def train_mode(prep: ModelPrep) -> None:
@@ -72,6 +79,8 @@ STEPS: tuple[tuple[str, Callable[[ModelPrep], None]], ...] = (
     ("load", load),
     ("train_mode", train_mode),
     ("activation_checkpointing", activation_checkpointing),
+    # spec.adapter: PEFT's LoRA layers on the frozen base (adapters.py).
+    ("adapter", adapters.apply_adapter),
     # Last: the names of the parameters the optimizer will see.
     ("name_no_decay", name_no_decay),
 )

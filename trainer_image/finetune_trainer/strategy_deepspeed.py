@@ -66,6 +66,7 @@ class DeepSpeedStrategy(Strategy):
         self.config = build_ds_config(self.training, job.spec.strategy.deepspeed)
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
         self.engine = None
+        self.has_frozen = False
 
     def prepare(self, model_path: str, total_steps: int) -> None:
         import deepspeed
@@ -78,6 +79,10 @@ class DeepSpeedStrategy(Strategy):
         prep = prepare_model(self.job, model_path)
         model = prep.model
         optimizer = scheduler = None
+        # Frozen parameters (an adapter's base model) get no optimizer state and stay out of
+        # the checkpoints (ZeRO-3 still partitions them).
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.has_frozen = len(trainable) < sum(1 for _ in model.parameters())
         if "optimizer" not in self.config:
             optimizer = make_optimizer(model.named_parameters(), training, self.device.type == "cpu", prep.no_decay)
         if "scheduler" not in self.config:
@@ -87,7 +92,7 @@ class DeepSpeedStrategy(Strategy):
                 return make_scheduler(opt, training, total_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=self.config,
-                                                    model_parameters=None if optimizer else model.parameters())
+                                                    model_parameters=None if optimizer else trainable)
 
     @property
     def hf_model(self):
@@ -113,11 +118,14 @@ class DeepSpeedStrategy(Strategy):
         return None if norm is None else float(norm)
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, save_latest=True)
+        self.engine.save_checkpoint(directory, tag=tag, save_latest=True, exclude_frozen_parameters=self.has_frozen)
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
+        # Without the frozen parameters the saved module is partial by design; the trainable
+        # ones are all there (saved from the same model).
         path, _ = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=not self.has_frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {directory}")
 

@@ -128,10 +128,19 @@ class FSDPStrategy(Strategy):
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    @staticmethod
+    def _state_options():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # Frozen parameters (an adapter's base model) stay out of the checkpoints. strict=False
+        # on load lets set_state_dict skip them; every trainable key is still checked, by
+        # dcp.load, which fails on a key the checkpoint lacks.
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+
     def _states(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
         return {"model": model_sd, "optim": optim_sd}
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
@@ -151,7 +160,7 @@ class FSDPStrategy(Strategy):
         states = self._states()
         dcp.load(states, checkpoint_id=f"{directory}/{tag}")
         set_state_dict(self.model, self.optimizer, model_state_dict=states["model"],
-                       optim_state_dict=states["optim"])
+                       optim_state_dict=states["optim"], options=self._state_options())
         extra = torch.load(f"{directory}/{tag}_schedule_rank{dist.get_rank()}.pt", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and extra["scaler"]:

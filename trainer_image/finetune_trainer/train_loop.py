@@ -102,7 +102,7 @@ class Trainer:
         spec, training = self.spec, self.training
         _seed_everything(training.seed)
         strategy = strategies.lookup(spec.strategy.type)  # an unknown type fails before any download
-        model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
+        self.model_path = model_path = local_model_dir(spec.model.uri, spec.model.revision, self.settings)
         self.tokenizer = load_tokenizer(model_path, spec.model.revision)
         self.mbs, self.gas = training.micro_batch_size, training.gradient_accumulation_steps
         self.load_data()
@@ -341,9 +341,11 @@ class Trainer:
     # --- the end ---------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """Collective: the consolidated Hugging Face model, written by rank 0, and the last report."""
+        """Collective: the consolidated Hugging Face model (or the adapter, and the merged model
+        when asked), written by rank 0, and the last report."""
         import ray.train
 
+        from .adapters import write_adapter_outputs
         from .model_io import write_final_model
         from .storage import resolve
 
@@ -351,11 +353,16 @@ class Trainer:
             self.announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # ASYNC uploads still running
         full = self.strategy.final_state_dict()  # the gather is collective
         if self.rank == 0:
-            write_final_model(self.strategy.hf_model, full, self.tokenizer,
-                              resolve(self.job.final_model_uri, self.settings))
-            self.close_metrics(model_uri=self.job.final_model_uri)
+            if self.spec.adapter is not None:
+                write_adapter_outputs(self.job, self.strategy.hf_model, full, self.tokenizer, self.model_path,
+                                      self.settings)
+            else:
+                write_final_model(self.strategy.hf_model, full, self.tokenizer,
+                                  resolve(self.job.final_model_uri, self.settings))
+            outputs = self.job.outputs
+            self.close_metrics(model_uri=outputs.get("modelUri") or outputs.get("adapterUri"))
         dist.barrier()
-        ray.train.report({**self.reported(), "model_uri": self.job.final_model_uri})
+        ray.train.report({**self.reported(), "outputs": self.job.outputs})
 
 
 def train_func(config: dict) -> None:
