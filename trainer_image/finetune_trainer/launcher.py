@@ -341,6 +341,10 @@ def _train(job: FineTuneJob, fresh: bool, upload_mode: str, ckpt: Location, atte
         result = trainer.fit()
     except Exception as exc:  # Ray Train wraps the worker's exception
         stopping.fit_done()
+        if stopping.requested() is not None:
+            # The stop signal's exception, raised inside Ray's C code, can come out as another
+            # (a SystemError "returned a result with an exception set"): still our stop.
+            raise stopping.Stopped(stopping.requested()) from exc
         cause = _root_cause(exc)
         reason = getattr(cause, "reason", None) or TrainerError.reason
         code = getattr(cause, "exit_code", EXIT_TRAINING_FAILED)

@@ -80,6 +80,11 @@ def install() -> None:
         _die_with_parent(int(parent))
 
 
+def requested() -> int | None:
+    """The stop signal received, if one was."""
+    return _state.signum
+
+
 def take_back() -> None:
     """Our handlers again, after `ray.init`: Ray's core worker installs its own failure-signal
     handler for SIGTERM in the driver (it prints "*** SIGTERM received" and aborts, exit 134)."""
