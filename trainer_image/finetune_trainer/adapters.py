@@ -9,6 +9,7 @@ the adapter in PEFT's layout and, with `merge`, the base model with the adapter 
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -78,7 +79,7 @@ def write_adapter_outputs(job, peft_model, full_state_dict: dict, tokenizer, mod
         try:
             # With the gathered state dict: under ZeRO-3 and FSDP the module's own parameters are
             # this rank's shards.
-            peft_model.save_pretrained(adapter_dir, state_dict=full_state_dict, selected_adapters=[ADAPTER_NAME])
+            save_adapter(peft_model, full_state_dict, adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
         except Exception as exc:
             if not is_write_failure(exc, tmp):
@@ -94,6 +95,27 @@ def write_adapter_outputs(job, peft_model, full_state_dict: dict, tokenizer, mod
                     raise
                 raise write_failure("the merged model", tmp, exc) from None
             upload_dir(merged_dir, resolve(job.final_model_uri, settings))
+
+
+def save_adapter(peft_model, full_state_dict: dict, adapter_dir: str) -> None:
+    """The adapter in PEFT's layout, from the gathered state dict. PEFT picks its weights by the
+    names of its modules; FSDP1's auto-wrap puts wrapper modules among them, so under FSDP that
+    finds none: then the weights are picked by the (clean) keys of the gathered state dict,
+    named as PEFT names them (the adapter's name dropped), beside PEFT's own config file."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if get_peft_model_state_dict(peft_model, state_dict=full_state_dict, adapter_name=ADAPTER_NAME):
+        peft_model.save_pretrained(adapter_dir, state_dict=full_state_dict, selected_adapters=[ADAPTER_NAME])
+        return
+    marker = f".{ADAPTER_NAME}."
+    weights = {k.replace(marker, "."): v.detach().contiguous() for k, v in full_state_dict.items()
+               if ".lora_" in k and marker in k}
+    os.makedirs(adapter_dir, exist_ok=True)
+    save_file(weights, os.path.join(adapter_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[ADAPTER_NAME])
+    config.inference_mode = True
+    config.save_pretrained(adapter_dir)
 
 
 def write_merged_model(job, model_path: str, adapter_dir: str, tokenizer, out_dir: str) -> None:
