@@ -12,14 +12,13 @@ agree (both put the adapter on the full-precision base: the merge is not onto th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import table, write_results
-from bench.trainer_overhead import (HOOKS, add_shape_args, base_env, build_assets, job_document,
-                                    run_trainer, share_with_this_process, start_ray)
+from bench.trainer_overhead import (add_shape_args, build_assets, job_document, memory_env, run_trainer,
+                                    start_ray)
 
 
 def main(argv: list[str]) -> int:
@@ -42,11 +41,7 @@ def main(argv: list[str]) -> int:
     assets = build_assets(a.hidden, a.layers, a.heads, a.intermediate, a.vocab,
                           int(a.workers * a.micro_batch * a.seq_len * a.steps * 1.5))
     workdir = Path(tempfile.mkdtemp(prefix="bench-gpu-qlora-"))
-    env = base_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(HOOKS), env["PYTHONPATH"]])
-    env["BENCH_MEMORY"] = "1"
-    share_with_this_process(env)
-    os.environ["BENCH_MEMORY"] = "1"
+    env = memory_env()
     import ray
 
     env["RAY_ADDRESS"] = start_ray(num_cpus=max(2, a.workers), num_gpus=a.workers)

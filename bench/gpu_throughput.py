@@ -15,7 +15,6 @@ tables, results file) so that the GPU run does not fail on a typo; its figures m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import table, write_results
-from bench.trainer_overhead import (HOOKS, add_shape_args, base_env, build_assets, job_document,
-                                    run_trainer, share_with_this_process, start_ray)
+from bench.trainer_overhead import (add_shape_args, build_assets, job_document, memory_env, run_trainer,
+                                    start_ray)
 
 MODES = ("full", "lora")
 
@@ -68,12 +67,7 @@ def main(argv: list[str]) -> int:
           f"{a.workers} CPU workers, {a.micro_batch}x{a.seq_len} tokens per worker-step, "
           f"{a.steps} steps, {a.precision}, LoRA rank {a.rank}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-lora-vs-full-"))
-    env = base_env()
-    # The Ray workers inherit the environment of the instance started here: the hooks go there.
-    env["PYTHONPATH"] = os.pathsep.join([str(HOOKS), env["PYTHONPATH"]])
-    env["BENCH_MEMORY"] = "1"
-    share_with_this_process(env)
-    os.environ["BENCH_MEMORY"] = "1"
+    env = memory_env()
     import ray
 
     env["RAY_ADDRESS"] = start_ray(num_cpus=a.workers)

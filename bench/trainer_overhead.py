@@ -226,6 +226,18 @@ def share_with_this_process(env: dict[str, str]) -> None:
                                            "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
 
 
+def memory_env() -> dict[str, str]:
+    """The environment of a memory benchmark: the hooks on every process's path and
+    BENCH_MEMORY=1 (they record peak RSS per phase from outside; the trainer is not changed),
+    shared with this process, whose Ray instance the trainers join."""
+    env = base_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(HOOKS), env["PYTHONPATH"]])
+    env["BENCH_MEMORY"] = "1"
+    share_with_this_process(env)
+    os.environ["BENCH_MEMORY"] = "1"
+    return env
+
+
 def alternate(strategies: list[str], assets: dict[str, Any], a: argparse.Namespace, workdir: Path,
               env: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}

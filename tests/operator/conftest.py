@@ -13,7 +13,6 @@ import os
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 
 from finetune_testbed.ports import free_port
 from finetune_testbed.ray_head import start_ray_head, stop_ray_head
+from finetune_testbed import tiny_jobs
 
 from finetune_operator.main import operator
 from finetune_operator.settings import Settings
@@ -121,25 +121,13 @@ def s3_secret(kube, s3_server):
 def tiny_job(s3_server, tiny_assets):
     """A FineTuneJob on the tiny model in moto S3: a few CPU steps, checkpoints in S3."""
     def make(name: str, **spec_overrides: Any) -> dict[str, Any]:
-        spec = {
-            "model": {"uri": tiny_assets.model_uri},
-            "dataset": {"uri": tiny_assets.dataset_uri, "maxSeqLength": 32},
-            "strategy": {"type": "deepspeed"},
-            "training": {"maxSteps": 6, "microBatchSize": 4, "learningRate": 0.01,
-                         "warmupSteps": 1, "lrScheduler": "constant", "precision": "fp32"},
-            "resources": {"workers": 1, "gpusPerWorker": 0, "cpusPerWorker": 1,
-                          "memoryPerWorker": "2Gi", "nodeSelector": {"pool": "cpu-small"}},
-            "checkpoint": {"uri": f"s3://{s3_server.bucket}/op-{uuid.uuid4().hex[:8]}",
-                           "everySteps": 2, "keep": 2},
-            "s3": {"secretRef": S3_SECRET, "endpoint": s3_server.endpoint,
-                   "region": "us-east-1"},
-        }
-        for key, value in spec_overrides.items():
-            spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-        return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                "metadata": {"name": name, "namespace": NAMESPACE,
-                             "labels": {"kueue.x-k8s.io/queue-name": "team-queue"}},
-                "spec": spec}
+        own = {"resources": {"nodeSelector": {"pool": "cpu-small"}}, "s3": {"secretRef": S3_SECRET}}
+        doc = tiny_jobs.tiny_job(name, model_uri=tiny_assets.model_uri, dataset_uri=tiny_assets.dataset_uri,
+                                 bucket=s3_server.bucket, endpoint=s3_server.endpoint,
+                                 namespace=NAMESPACE, spec=tiny_jobs.deep_update(own, spec_overrides),
+                                 checkpoint_prefix="op")
+        doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-queue"}
+        return doc
     return make
 
 

@@ -8,6 +8,7 @@ from finetune_operator import raycluster
 from finetune_operator.settings import Settings
 
 from finetune_testbed.nodes import GPU_POOL
+from .waiting import wait_for
 
 
 def create_job_cluster(stack, ns: str, name: str, edit=None, **changes) -> dict:
@@ -33,6 +34,14 @@ def create_job_cluster(stack, ns: str, name: str, edit=None, **changes) -> dict:
 
 def pods_of(stack, ns: str, cluster: str) -> list[dict]:
     return stack.get("pods", "-n", ns, "-l", f"ray.io/cluster={cluster}")["items"]
+
+
+def bound_pods(stack, ns: str, cluster: str, count: int, timeout: float = 90.0) -> list[dict]:
+    """The cluster's `count` pods once the scheduler has bound every one of them to a node."""
+    def probe() -> list[dict] | None:
+        pods = pods_of(stack, ns, cluster)
+        return pods if len(pods) == count and all(p["spec"].get("nodeName") for p in pods) else None
+    return wait_for(f"{cluster}'s {count} pods to be bound", probe, timeout=timeout)
 
 
 def scheduled_condition(pod: dict) -> dict:

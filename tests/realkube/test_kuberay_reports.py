@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from finetune_testbed.nodes import PodReports
-from .clusters import create_job_cluster, pods_of
+from .clusters import bound_pods, create_job_cluster, pods_of
 from .waiting import wait_for
 
 pytestmark = pytest.mark.realkube
@@ -42,10 +42,7 @@ def test_what_kuberay_reports_when_the_head_pod_is_lost(kubestack, node_pool):
     ns = f"head-{uuid.uuid4().hex[:5]}"
     create_job_cluster(kubestack, ns, "headloss", **{"spec.resources.workers": 1,
                                                   "spec.resources.gpusPerWorker": 1})
-    pods = wait_for("the head and the worker to be bound",
-                    lambda: (lambda ps: ps if len(ps) == 2 and all(
-                        p["spec"].get("nodeName") for p in ps) else None)(
-                        pods_of(kubestack, ns, "headloss")))
+    pods = bound_pods(kubestack, ns, "headloss", 2)
     for i, pod in enumerate(pods):
         reports.running(pod, f"127.0.1.{i + 1}")
 

@@ -28,7 +28,7 @@ from api.cases import make
 from finetune_testbed.chart_install import install_rbac, render_release, start_operator
 from finetune_testbed.nodes import GPU_POOL, PodReports, gpu_node
 
-from .clusters import pods_of
+from .clusters import bound_pods, pods_of
 from .waiting import wait_for
 
 pytestmark = pytest.mark.realkube
@@ -112,10 +112,7 @@ def test_jobs_that_cannot_come_up_say_why_and_wait(kubestack, node_pool):
 
         # The lost head as KubeRay reports it: its pods running, then the head OOM-killed.
         reports = PodReports(agent)
-        pods = wait_for("headloss's head and worker to be bound",
-                        lambda: (lambda ps: ps if len(ps) == 2 and all(
-                            p["spec"].get("nodeName") for p in ps) else None)(
-                            pods_of(kubestack, ns, "headloss")))
+        pods = bound_pods(kubestack, ns, "headloss", 2)
         for i, pod in enumerate(pods):
             reports.running(pod, f"127.0.2.{i + 1}")
         # Ready by KubeRay's report; no Ray runs behind the head's Service, so the dashboard
@@ -130,9 +127,7 @@ def test_jobs_that_cannot_come_up_say_why_and_wait(kubestack, node_pool):
 
         # A node of nopool's pool joins: its workers are placed and the job moves on.
         agent.add(gpu_node(new_node, pool, gpus=8))
-        wait_for("nopool's pods to be bound", lambda: (lambda ps: len(ps) == 2 and all(
-            p["spec"].get("nodeName") for p in ps))(pods_of(kubestack, ns, "nopool")),
-            timeout=120)
+        bound_pods(kubestack, ns, "nopool", 2, timeout=120)
         st = _waiting_with(kubestack, ns, "nopool", "ClusterProvisioning", timeout=60)
         assert st["phase"] == "Provisioning" and not st.get("retries"), st
 

@@ -23,6 +23,7 @@ import yaml
 
 from finetune_testbed.chart_install import install_rbac, render_release, start_operator
 from finetune_testbed.rbac import TOLERATED_DENIALS
+from finetune_testbed.tiny_jobs import tiny_job
 from .conftest import PROCESS_POOL
 from .waiting import wait_for
 
@@ -34,21 +35,10 @@ TORCH_EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR",
 
 
 def _job(name: str, ns: str, s3_server, tiny_assets) -> dict:
-    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {
-                "model": {"uri": tiny_assets.model_uri},
-                "dataset": {"uri": tiny_assets.dataset_uri, "maxSeqLength": 32},
-                "strategy": {"type": "deepspeed"},
-                "training": {"maxSteps": 6, "microBatchSize": 4, "learningRate": 0.01,
-                             "warmupSteps": 1, "lrScheduler": "constant", "precision": "fp32"},
-                "resources": {"workers": 1, "gpusPerWorker": 0, "cpusPerWorker": 1,
-                              "memoryPerWorker": "2Gi",
-                              "nodeSelector": {"finetune.dev/pool": PROCESS_POOL}},
-                "checkpoint": {"uri": f"s3://{s3_server.bucket}/pods-{uuid.uuid4().hex[:6]}",
-                               "everySteps": 2, "keep": 2},
-                "s3": {"secretRef": "s3-credentials", "endpoint": s3_server.endpoint,
-                       "region": "us-east-1"}}}
+    return tiny_job(name, model_uri=tiny_assets.model_uri, dataset_uri=tiny_assets.dataset_uri,
+                    bucket=s3_server.bucket, endpoint=s3_server.endpoint, namespace=ns,
+                    spec={"resources": {"nodeSelector": {"finetune.dev/pool": PROCESS_POOL}},
+                          "s3": {"secretRef": "s3-credentials"}}, checkpoint_prefix="pods")
 
 
 def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_assets):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -14,13 +13,7 @@ import pytest
 import yaml
 
 from finetune_api.events import parse_events
-
-
-def deep_update(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from finetune_testbed.tiny_jobs import deep_update, tiny_job
 
 
 @dataclass
@@ -45,24 +38,12 @@ def make_job(s3_server, tiny_assets):
     """A FineTuneJob document on the tiny assets in moto S3; `spec` deep-merges into its spec."""
 
     def make(name: str, spec: dict | None = None) -> dict:
-        doc = {
-            "apiVersion": "finetune.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"uri": tiny_assets.model_uri},
-                "dataset": {"uri": tiny_assets.dataset_uri, "maxSeqLength": 32},
-                "strategy": {"type": "deepspeed"},
-                "training": {"maxSteps": 4, "microBatchSize": 4, "learningRate": 0.01,
-                             "warmupSteps": 1, "lrScheduler": "constant", "precision": "fp32"},
-                "resources": {"workers": 2, "gpusPerWorker": 0, "cpusPerWorker": 1, "memoryPerWorker": "2Gi"},
-                "checkpoint": {"uri": f"s3://{s3_server.bucket}/runs-{uuid.uuid4().hex[:8]}",
-                               "everySteps": 100, "keep": 2},
-                "s3": {"endpoint": s3_server.endpoint, "region": "us-east-1"},
-            },
-        }
-        doc["spec"] = deep_update(doc["spec"], spec or {})
-        return doc
+        # Two workers and a checkpoint interval no run reaches unless it asks for one.
+        own = {"training": {"maxSteps": 4}, "resources": {"workers": 2},
+               "checkpoint": {"everySteps": 100}}
+        return tiny_job(name, model_uri=tiny_assets.model_uri, dataset_uri=tiny_assets.dataset_uri,
+                        bucket=s3_server.bucket, endpoint=s3_server.endpoint,
+                        spec=deep_update(own, spec or {}))
 
     return make
 

@@ -266,9 +266,7 @@ def build_rows(records: Records, values: list, tokenizer, seq_len: int, long_rec
     padded (labels -100) instead of dropped, as the evaluation set keeps every token."""
     if records.kind == "text":
         counts.records += len(values)
-        if tokenizer.eos_token_id is None:
-            raise BadInputError("the tokenizer has no EOS token; packing needs one between documents")
-        ids = tokenizer(values, add_special_tokens=False)["input_ids"] if values else []
+        ids = text_ids(values, tokenizer)
         rows = [Row(seq, seq) for seq in pack(ids, tokenizer.eos_token_id, seq_len)]
         if keep_tail:
             used = len(rows) * seq_len
@@ -309,11 +307,16 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> list[list[i
     return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
-def tokenize_and_pack(docs: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+def text_ids(docs: list[str], tokenizer) -> list[list[int]]:
+    """Each document's token ids, without special tokens: pack() puts EOS between them."""
     if tokenizer.eos_token_id is None:
         raise BadInputError("the tokenizer has no EOS token; packing needs one between documents")
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
-    return pack(ids, tokenizer.eos_token_id, seq_len)
+    return tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+
+
+def tokenize_and_pack(docs: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+    """Text documents as training packs them (build_rows' text rows)."""
+    return pack(text_ids(docs, tokenizer), tokenizer.eos_token_id, seq_len)
 
 
 @dataclass(frozen=True)
