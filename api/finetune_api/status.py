@@ -73,8 +73,11 @@ class ConditionType(Vocabulary):
 class Reason(Vocabulary):
     """Reasons of conditions and Events: CamelCase words that programs match on."""
     SECRET_NOT_FOUND = "SecretNotFound", (
-        "The Secret spec.s3.secretRef names does not exist; waiting for it.")
-    SECRET_KEY_MISSING = "SecretKeyMissing", "The S3 Secret lacks a required key; waiting for it."
+        "The Secret spec.s3.secretRef or spec.tracking.mlflow.secretRef names does not exist; "
+        "waiting for it.")
+    SECRET_KEY_MISSING = "SecretKeyMissing", (
+        "The S3 Secret lacks a required key, or the MLflow Secret has neither a user name and "
+        "password nor a token; waiting for it.")
     CLUSTER_CREATING = "ClusterCreating", "The operator is creating the RayCluster."
     CLUSTER_PROVISIONING = "ClusterProvisioning", (
         "The RayCluster exists; KubeRay has not reported it ready yet.")

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from finetune_api.model import FineTuneJob
-from finetune_api.status import ACTIVE, FINISHED, Phase, Reason, S3Secret, not_retryable
+from finetune_api.status import ACTIVE, FINISHED, MlflowSecret, Phase, Reason, S3Secret, not_retryable
 from finetune_api.status import ConditionType as Cond
 
 __all__ = ["ACTIVE", "FINISHED", "Phase", "Reason", "Cond", "decide"]  # the vocabulary, re-used
@@ -76,6 +76,9 @@ class Observed:
     status: dict[str, Any]
     now: datetime
     secret: SecretState = SecretState.NOT_NEEDED
+    # spec.tracking.mlflow.secretRef's Secret: the pods read it with optional keys, so
+    # without this wait a missing one starts a run that fails at the MLflow server.
+    tracking_secret: SecretState = SecretState.NOT_NEEDED
     cluster: ClusterState = ClusterState.ABSENT
     ray_job: RayJobState = RayJobState.UNKNOWN
     ray_job_message: str = ""
@@ -255,6 +258,21 @@ def _finish(obs: Observed, phase: str, reason: str, message: str,
     return decision
 
 
+def _waiting_for_secret(job: FineTuneJob, obs: Observed) -> tuple[str, str] | None:
+    """(reason, message) while a Secret the pods read is missing or lacks its keys."""
+    for state, where, name, keys in (
+            (obs.secret, "spec.s3.secretRef", job.spec.s3.secret_ref, " or ".join(S3Secret.REQUIRED)),
+            (obs.tracking_secret, "spec.tracking.mlflow.secretRef",
+             job.spec.tracking.mlflow.secret_ref if job.spec.tracking.mlflow else "",
+             f"{MlflowSecret.USERNAME} and {MlflowSecret.PASSWORD}, or {MlflowSecret.TOKEN}")):
+        if state == SecretState.MISSING:
+            return Reason.SECRET_NOT_FOUND, (f"Secret {name!r} ({where}) not found in namespace "
+                                             f"{job.namespace!r}; waiting for it")
+        if state == SecretState.INCOMPLETE:
+            return Reason.SECRET_KEY_MISSING, f"Secret {name!r} ({where}) lacks {keys}; waiting for them"
+    return None
+
+
 def decide(obs: Observed) -> Decision:
     """The one decision of a pass (the reconciler executes it and writes its status)."""
     if obs.deleting:
@@ -368,18 +386,10 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
                            f"The job ran longer than activeDeadlineSeconds="
                            f"{policy.active_deadline_seconds}", stop)
 
-    # Inputs: the S3 Secret must exist before any pod that mounts it is created.
-    if obs.secret in (SecretState.MISSING, SecretState.INCOMPLETE) \
-            and obs.cluster == ClusterState.ABSENT:
-        name = job.spec.s3.secret_ref
-        if obs.secret == SecretState.MISSING:
-            reason = Reason.SECRET_NOT_FOUND
-            msg = (f"Secret {name!r} (spec.s3.secretRef) not found in namespace "
-                   f"{job.namespace!r}; waiting for it")
-        else:
-            reason = Reason.SECRET_KEY_MISSING
-            msg = (f"Secret {name!r} (spec.s3.secretRef) lacks "
-                   f"{' or '.join(S3Secret.REQUIRED)}; waiting for them")
+    # Inputs: the Secrets the pods read must exist before any pod is created.
+    waiting = _waiting_for_secret(job, obs) if obs.cluster == ClusterState.ABSENT else None
+    if waiting is not None:
+        reason, msg = waiting
         d = Decision(phase=phase, message=msg)
         d.conditions.append(Condition(Cond.READY, "False", reason, msg))
         if not _has_condition(status, Cond.READY, "False", reason):

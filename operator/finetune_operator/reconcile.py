@@ -27,7 +27,7 @@ import aiohttp
 import kopf
 
 from finetune_api.model import FineTuneJob
-from finetune_api.status import FINISHED, JOB_ENV, Phase, Reason, S3Secret
+from finetune_api.status import FINISHED, JOB_ENV, MlflowSecret, Phase, Reason, S3Secret
 from finetune_api.validation import ValidationError
 
 from . import observe, phases, raycluster, tracking
@@ -230,9 +230,10 @@ class Reconciler:
             return world
 
         phase = status.get("phase") or Phase.PENDING
-        secret = SecretState.NOT_NEEDED
+        secret = tracking_secret = SecretState.NOT_NEEDED
         if job is not None and phase not in FINISHED and not deleting:
             secret = await self.observe_secret(job)
+            tracking_secret = await self.observe_tracking_secret(job)
         world.cluster = await self.observe_cluster(world, mem, fresh=deleting)
         cluster = observe.cluster_state(world.cluster, meta.get("name"), meta.get("uid"))
         blocked = None
@@ -245,6 +246,7 @@ class Reconciler:
             ray_state, ray_message = await self.observe_ray_job(job, world, mem)
         world.obs = Observed(
             job=job, generation=generation, status=status, now=now_utc(), secret=secret,
+            tracking_secret=tracking_secret,
             cluster=cluster, ray_job=ray_state, ray_job_message=ray_message,
             rejected_fields=rejected,
             exit_code=world.ray_info.driver_exit_code if world.ray_info else None,
@@ -278,6 +280,20 @@ class Reconciler:
         if secret is None:
             return SecretState.MISSING
         if any(not secret_value(secret, k) for k in S3Secret.REQUIRED):
+            return SecretState.INCOMPLETE
+        return SecretState.PRESENT
+
+    async def observe_tracking_secret(self, job: FineTuneJob) -> SecretState:
+        """Every MLflow key is optional, but a Secret with neither a user name and password
+        nor a token gives the server nothing: the run would fail at its first metric."""
+        mlflow = job.spec.tracking.mlflow
+        if mlflow is None or not mlflow.secret_ref:
+            return SecretState.NOT_NEEDED
+        secret = await self.kube.get_secret(job.namespace, mlflow.secret_ref)
+        if secret is None:
+            return SecretState.MISSING
+        has = {k for k in MlflowSecret.OPTIONAL if secret_value(secret, k)}
+        if not ({MlflowSecret.USERNAME, MlflowSecret.PASSWORD} <= has or MlflowSecret.TOKEN in has):
             return SecretState.INCOMPLETE
         return SecretState.PRESENT
 
