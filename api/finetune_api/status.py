@@ -13,6 +13,7 @@ To add a phase, a condition type or a reason: one line here, then the code that 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -163,6 +164,24 @@ def not_retryable(exit_code: int | None) -> TrainerExit | None:
 JOB_ENV = "FINETUNE_JOB"
 # `finetune run` gives its trainer its pid here: the trainer stops when that process dies.
 PARENT_PID_ENV = "FINETUNE_PARENT_PID"
+# The operator's Ray submission id of the attempt (submission_id below). The trainer's lease
+# records it, so a later attempt of the job can tell an earlier one's lease from another run's.
+ATTEMPT_ENV = "FINETUNE_ATTEMPT"
+
+_ATTEMPT = re.compile(r"^(?P<lineage>.+)-a(?P<n>[0-9]+)$")
+
+
+def submission_id(name: str, uid: str | None, attempt: int) -> str:
+    """The Ray submission id of a job's attempt: deterministic per job and attempt (a Ray head
+    refuses a second submit of one id), the job's uid in it so a recreated job of the same
+    name is another lineage."""
+    return f"{name}-{(uid or 'nouid').replace('-', '')[:8]}-a{attempt}"
+
+
+def split_submission_id(sub_id: str | None) -> tuple[str, int] | None:
+    """(the job's lineage, the attempt number) of a submission_id, or None."""
+    match = _ATTEMPT.match(sub_id or "")
+    return (match.group("lineage"), int(match.group("n"))) if match else None
 
 
 class S3Secret:

@@ -26,13 +26,13 @@ machine too. The words (phases, condition types, reasons) are the contract's
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from finetune_api.model import FineTuneJob
 from finetune_api.status import ACTIVE, FINISHED, MlflowSecret, Phase, Reason, S3Secret, not_retryable
+from finetune_api import status as status_ids
 from finetune_api.status import ConditionType as Cond
 
 __all__ = ["ACTIVE", "FINISHED", "Phase", "Reason", "Cond", "decide"]  # the vocabulary, re-used
@@ -180,17 +180,12 @@ class Decision:
 
 
 def submission_id(job: FineTuneJob, attempt: int) -> str:
-    """Deterministic per job and attempt: a Ray head refuses a second submit of one id."""
-    uid = (job.uid or "nouid").replace("-", "")[:8]
-    return f"{job.name}-{uid}-a{attempt}"
-
-
-_ATTEMPT = re.compile(r"-a(\d+)$")
+    return status_ids.submission_id(job.name, job.uid, attempt)
 
 
 def attempt_of(sub_id: str | None) -> int:
-    match = _ATTEMPT.search(sub_id or "")
-    return int(match.group(1)) if match else 0
+    split = status_ids.split_submission_id(sub_id)
+    return split[1] if split else 0
 
 
 def next_submission_id(job: FineTuneJob, current: str | None) -> str:

@@ -27,7 +27,7 @@ import aiohttp
 import kopf
 
 from finetune_api.model import FineTuneJob
-from finetune_api.status import FINISHED, JOB_ENV, MlflowSecret, Phase, Reason, S3Secret
+from finetune_api.status import ATTEMPT_ENV, FINISHED, JOB_ENV, MlflowSecret, Phase, Reason, S3Secret
 from finetune_api.validation import ValidationError
 
 from . import observe, phases, raycluster, tracking
@@ -470,9 +470,10 @@ class Reconciler:
             # else's cluster of that name: the next pass GETs it to tell which.
             mem.cluster_known = False
 
-    def trainer_env(self, job: FineTuneJob) -> dict[str, str]:
+    def trainer_env(self, job: FineTuneJob, sub_id: str) -> dict[str, str]:
         env = self.settings.trainer_env_vars
         env[JOB_ENV] = json.dumps(job.document, sort_keys=True)
+        env[ATTEMPT_ENV] = sub_id
         return env
 
     async def submit(self, client: RayJobsClient, job: FineTuneJob, sub_id: str) -> None:
@@ -481,7 +482,7 @@ class Reconciler:
         # Submit is decided only on a pass whose lookup of this id found no job, so no second
         # lookup here; Ray refuses an id it has, the guard against a double submission.
         try:
-            await client.submit(sub_id, self.trainer_env(job), metadata)
+            await client.submit(sub_id, self.trainer_env(job, sub_id), metadata)
         except RayJobsError as e:
             # Lost a race with ourselves (the lookup said no job, then a submit landed):
             # the job exists, which is all the caller wants.

@@ -244,14 +244,15 @@ def test_settings_from_flags_and_env():
     assert Settings.from_env({}).clusterwide and Settings.from_env({}).peering is None
 
 
-def test_trainer_env_carries_the_job_but_no_credentials():
+def test_trainer_env_carries_the_job_and_its_attempt_but_no_credentials():
     from finetune_api.model import FineTuneJob
 
     job = FineTuneJob.from_document(document())
     # trainer_env does no I/O: no session or API needed.
     env = Reconciler(Settings(trainer_env=("A=b",)), kube=None,  # type: ignore[arg-type]
-                     http=None).trainer_env(job)  # type: ignore[arg-type]
+                     http=None).trainer_env(job, "llama-1234abcd-a2")  # type: ignore[arg-type]
     assert env["A"] == "b"
+    assert env["FINETUNE_ATTEMPT"] == "llama-1234abcd-a2"  # the lease tells earlier attempts by it
     submitted = json.loads(env["FINETUNE_JOB"])
     assert submitted["spec"]["s3"]["secretRef"] == "s3-credentials"
     assert FineTuneJob.from_document(submitted).spec == job.spec

@@ -105,3 +105,45 @@ def test_refresher_notices_a_takeover(run_loc):
     holder.release()  # must not delete the other run's lease
     assert _stored(run_loc)["attempt"] == "other"
     other.release()
+
+
+def test_a_later_attempt_of_the_job_waits_out_an_earlier_attempts_lease(run_loc, capsys, monkeypatch):
+    # The operator's attempt 1 lost its head pod: its driver died holding the lease. Attempt 2
+    # of the same job waits for that lease to go stale instead of spending a retry on a refusal;
+    # a run of another lineage (a job recreated under the same name) is refused as before.
+    clock, slept = [1000.0], []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock[0] += seconds
+    monkeypatch.setenv("FINETUNE_ATTEMPT", "llama-1234abcd-a1")
+    Lease.acquire(run_loc, "first", refresh_s=1, now=lambda: clock[0])
+    monkeypatch.setenv("FINETUNE_ATTEMPT", "llama-9999ffff-a2")
+    with pytest.raises(LeaseHeldError):
+        Lease.acquire(run_loc, "stranger", refresh_s=1, now=lambda: clock[0], sleep=sleep)
+    assert not slept
+    monkeypatch.setenv("FINETUNE_ATTEMPT", "llama-1234abcd-a2")
+    second = Lease.acquire(run_loc, "second", refresh_s=1, now=lambda: clock[0], sleep=sleep)
+    assert 4 < sum(slept) <= 5.5, slept  # stale after 4 refresh intervals
+    out = capsys.readouterr().out
+    assert "held by the earlier attempt llama-1234abcd-a1" in out and "waiting up to 4s" in out, out
+    assert "took over the stale lease" in out, out
+    assert _stored(run_loc)["submission"] == "llama-1234abcd-a2"
+    second.release()
+
+
+def test_an_earlier_attempt_still_refreshing_its_lease_is_alive_and_refused(run_loc, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setenv("FINETUNE_ATTEMPT", "llama-1234abcd-a1")
+    first = Lease.acquire(run_loc, "first", refresh_s=1, now=lambda: clock[0])
+
+    def sleep(seconds):  # attempt 1 keeps refreshing while attempt 2 waits
+        clock[0] += seconds
+        assert first.refresh()
+    monkeypatch.setenv("FINETUNE_ATTEMPT", "llama-1234abcd-a2")
+    with pytest.raises(LeaseHeldError) as info:
+        Lease.acquire(run_loc, "second", refresh_s=1, now=lambda: clock[0], sleep=sleep)
+    assert 1008 <= clock[0] <= 1010  # gave up after twice the stale time
+    assert "attempt first" in str(info.value)
+    assert _stored(run_loc)["attempt"] == "first"
+    first.release()

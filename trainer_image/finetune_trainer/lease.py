@@ -15,6 +15,13 @@ refreshed for STALE_AFTER_REFRESHES refresh intervals (the holder crashed or los
 held by a process of this same machine and pid namespace that no longer exists (a killed run
 rerun in place need not wait). A stale lease is taken over, and the run says so. The holders'
 clocks are compared, so nodes' clocks must agree to well within the stale time (NTP does).
+
+One exception to refusing: a later attempt of the same job, as the operator numbers them
+(ATTEMPT_ENV), waits for an earlier attempt's lease to go stale. The operator submits attempt
+N+1 only once attempt N is over by Ray's account, but a driver that died with its head pod
+cannot release its lease, and its workers on other pods may run on for a while (until their
+raylet gives up on the lost head): waiting out the stale time is what keeps them from writing
+beside the new attempt, and refusing would turn every lost head into a spent retry.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from finetune_api.status import ATTEMPT_ENV, split_submission_id
+
 from .cleanup import pid_alive
 from .errors import TrainerError
 from .progress import say
@@ -39,6 +48,13 @@ LEASE_FILE = "_lease.json"
 REFRESH_ENV = "FINETUNE_LEASE_REFRESH_S"
 DEFAULT_REFRESH_S = 30.0
 STALE_AFTER_REFRESHES = 4
+
+
+def _supersedes(ours: str, theirs: str) -> bool:
+    """Whether attempt `ours` comes after attempt `theirs` of the same job (the operator's
+    submission ids); False outside the operator, where no run knows of another."""
+    a, b = split_submission_id(ours), split_submission_id(theirs)
+    return a is not None and b is not None and a[0] == b[0] and a[1] > b[1]
 
 
 class LeaseHeldError(TrainerError):
@@ -68,6 +84,7 @@ class Holder:
     since: str  # UTC, ISO 8601
     refreshed: float  # time.time() of the last refresh
     namespace: str = ""
+    submission: str = ""  # the operator's attempt (ATTEMPT_ENV); empty outside the operator
 
     def describe(self) -> str:
         return f"host {self.host}, pid {self.pid}, attempt {self.attempt}, since {self.since}"
@@ -80,7 +97,7 @@ class Holder:
         try:
             doc = json.loads(body)
             return cls(**{k: doc[k] for k in ("host", "pid", "attempt", "since", "refreshed")},
-                       namespace=doc.get("namespace", ""))
+                       namespace=doc.get("namespace", ""), submission=doc.get("submission", ""))
         except (ValueError, KeyError, TypeError):
             return None  # unreadable: treated as stale
 
@@ -203,8 +220,10 @@ def refresh_interval() -> float:
 class Lease:
     """Held by the driver from `acquire` to `release`; `start_refreshing` keeps it fresh."""
 
-    def __init__(self, store, uri: str, holder: Holder, etag: str, refresh_s: float):
+    def __init__(self, store, uri: str, holder: Holder, etag: str, refresh_s: float,
+                 now: Callable[[], float] = time.time):
         self._store = store
+        self._now = now
         self.uri = uri
         self.holder = holder
         self._etag = etag
@@ -215,7 +234,8 @@ class Lease:
 
     @classmethod
     def acquire(cls, run_loc: Location, attempt: str, refresh_s: float | None = None,
-                now: Callable[[], float] = time.time) -> "Lease":
+                now: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep
+                ) -> "Lease":
         """Take the lease on `run_loc` (the job's checkpoint directory) or raise LeaseHeldError."""
         refresh_s = refresh_s or refresh_interval()
         stale_s = STALE_AFTER_REFRESHES * refresh_s
@@ -223,17 +243,33 @@ class Lease:
         store = _S3Store(loc) if loc.scheme == "s3" else _FileStore(loc)
         holder = Holder(host=socket.gethostname(), pid=os.getpid(), attempt=attempt,
                         since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), refreshed=now(),
-                        namespace=_namespace())
+                        namespace=_namespace(), submission=os.environ.get(ATTEMPT_ENV, ""))
+        waited_for: str | None = None
+        give_up_at = now() + 2 * stale_s
         try:
-            for _ in range(5):  # only a race with another run's create/delete loops
+            races = 0
+            while races < 5:  # only a race with another run's create/delete loops
                 etag = store.create(holder.encode())
                 if etag:
-                    return cls(store, loc.uri, holder, etag, refresh_s)
+                    return cls(store, loc.uri, holder, etag, refresh_s, now)
                 body, current_etag = store.read()
                 if body is None:
+                    races += 1
                     continue  # released between our create and read
                 current = Holder.decode(body)
                 why = cls._stale_reason(current, now(), stale_s)
+                if why is None and current is not None and _supersedes(holder.submission, current.submission) \
+                        and now() < give_up_at:
+                    # An earlier attempt of this job, lost with its head: wait its lease out (one
+                    # still refreshing it after twice the stale time is alive: refused below).
+                    if waited_for != current.submission:
+                        waited_for = current.submission
+                        left = max(0.0, current.refreshed + stale_s - now())
+                        say(f"finetune-train: the lease on {run_loc.uri} is held by the earlier attempt "
+                            f"{current.submission} ({current.describe()}); waiting up to {left:.0f}s for "
+                            "it to go stale")
+                    sleep(min(refresh_s, 5.0, max(0.1, current.refreshed + stale_s - now() + 0.1)))
+                    continue
                 if why is None:
                     age = now() - current.refreshed
                     raise LeaseHeldError(
@@ -245,7 +281,8 @@ class Lease:
                 if etag:
                     previous = current.describe() if current else "an unreadable lease"
                     say(f"finetune-train: took over the stale lease on {run_loc.uri} from {previous} ({why})")
-                    return cls(store, loc.uri, holder, etag, refresh_s)
+                    return cls(store, loc.uri, holder, etag, refresh_s, now)
+                races += 1
         except TrainerError:
             raise
         except Exception as exc:  # S3 unreachable after retries, permission denied
@@ -266,7 +303,7 @@ class Lease:
 
     def refresh(self) -> bool:
         """One refresh; False when another run has taken the lease over."""
-        self.holder.refreshed = time.time()
+        self.holder.refreshed = self._now()
         etag = self._store.replace(self.holder.encode(), self._etag)
         if etag is None:
             body, _ = self._store.read()
