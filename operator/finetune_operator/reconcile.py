@@ -46,6 +46,8 @@ logger = logging.getLogger("finetune_operator")
 # Attempts of a deleted job's clean-up before the job is let go (its children carry owner
 # references: Kubernetes' garbage collector deletes them then).
 CLEANUP_ATTEMPTS = 5
+# Seconds a stopped trainer gets to stop cleanly before Ray kills it (trainer_env).
+TRAINER_STOP_GRACE_S = 60
 # Seconds a RayCluster may take to come up before its pods and KubeRay's Events are read for
 # why it does not: the scheduler and KubeRay answer within a second or two, and a young
 # cluster's passes (every new job's) read nothing more than the cluster.
@@ -474,6 +476,11 @@ class Reconciler:
         env = self.settings.trainer_env_vars
         env[JOB_ENV] = json.dumps(job.document, sort_keys=True)
         env[ATTEMPT_ENV] = sub_id
+        # Ray's job stop (suspend, delete, deadline) sends SIGTERM and SIGKILLs 3 s later by
+        # default: too soon for the trainer to abort Ray Train and release its lease, so the
+        # next attempt would wait for the lease to go stale. Ray's supervisor reads this from
+        # the job's env. The platform's FINETUNE_OPERATOR_TRAINER_ENV may set another value.
+        env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(TRAINER_STOP_GRACE_S))
         return env
 
     async def submit(self, client: RayJobsClient, job: FineTuneJob, sub_id: str) -> None:

@@ -263,13 +263,21 @@ def test_failed_attempt_is_retried_and_resumes(s3_server, tiny_assets, kube, kub
                 if event == "ADDED" and obj["metadata"]["name"] == name]) == 1
 
 
-def started_event(ray_head, submission_id):
-    from finetune_api.events import parse_events
-
+def job_log(ray_head, submission_id) -> str:
     req = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/{submission_id}/logs",
                                  headers=ray_head.headers)
     with urllib.request.urlopen(req, timeout=10) as resp:
-        log = json.loads(resp.read())["logs"]
+        return json.loads(resp.read())["logs"]
+
+
+def checkpoint_uri(kube, name) -> str:
+    return kube.get(*FTJ, name, NAMESPACE)["spec"]["checkpoint"]["uri"]
+
+
+def started_event(ray_head, submission_id):
+    from finetune_api.events import parse_events
+
+    log = job_log(ray_head, submission_id)
     return next(e for e in parse_events(log.splitlines()) if e["event"] == "started")
 
 
@@ -304,6 +312,11 @@ def test_suspend_and_resume_continue_from_checkpoint(s3_server, tiny_assets, kub
     wait_until(lambda: ray_jobs(ray_head, name)[first]["status"] == "STOPPED", 30,
                what="the Ray job to be stopped")
     checkpoint_step = status(kube, name)["checkpoint"]["step"]
+    # Stopped, not killed: the trainer had its SIGTERM's time to stop (its one line) and to
+    # release its lease, so the resumed attempt takes the location at once.
+    assert "finetune-train: stopped at step" in job_log(ray_head, first), job_log(ray_head, first)[-2000:]
+    ckpt_run = f"{checkpoint_uri(kube, name)}/{name}"
+    assert not s3_keys(s3_server, f"{ckpt_run}/_lease.json"), "the stopped attempt released its lease"
 
     kube.patch(*FTJ, name, {"spec": {"runPolicy": {"suspend": False}}}, NAMESPACE)
     st = wait_phase(kube, name, ("Succeeded", "Failed"), 300)

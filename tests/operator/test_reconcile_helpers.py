@@ -253,6 +253,7 @@ def test_trainer_env_carries_the_job_and_its_attempt_but_no_credentials():
                      http=None).trainer_env(job, "llama-1234abcd-a2")  # type: ignore[arg-type]
     assert env["A"] == "b"
     assert env["FINETUNE_ATTEMPT"] == "llama-1234abcd-a2"  # the lease tells earlier attempts by it
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == "60"  # a stopped trainer stops cleanly
     submitted = json.loads(env["FINETUNE_JOB"])
     assert submitted["spec"]["s3"]["secretRef"] == "s3-credentials"
     assert FineTuneJob.from_document(submitted).spec == job.spec

@@ -46,7 +46,6 @@ def test_head_oom_killed_mid_run_is_a_counted_retry_that_resumes(kubestack, kube
                                ("Succeeded", "Failed") else None)(status()), timeout=900, interval=1)
         assert st["phase"] == "Running" and st.get("retries", 0) == 0, st
         first, killed_after = st["rayJobId"], st["checkpoint"]["step"]
-        cluster_uid = kubestack.get("raycluster", "-n", ns, name)["metadata"]["uid"]
         head = next(p for p in kubestack.get("pods", "-n", ns, "-l", "ray.io/node-type=head")["items"])
         kubelet.oom_kill(ns, head["metadata"]["name"], "ray-head")
 
@@ -63,10 +62,9 @@ def test_head_oom_killed_mid_run_is_a_counted_retry_that_resumes(kubestack, kube
                                f"involvedObject.name={name}")["items"]
         lost = [e for e in events if e["reason"] == "RayJobLost"]
         assert len(lost) == 1 and first in lost[0]["message"], [e["reason"] for e in events]
-        # The head container restarted inside its pod, the RayCluster is the same one.
-        restarted = kubestack.get("pods", "-n", ns, "-l", "ray.io/node-type=head")["items"]
-        assert kubestack.get("raycluster", "-n", ns, name)["metadata"]["uid"] == cluster_uid \
-            or not restarted  # (cleaned up already: cleanupPolicy DeleteCluster)
+        # The head container restarted inside its pod: the attempt went on the same
+        # RayCluster (created once; cleanupPolicy DeleteCluster has removed it by now).
+        assert env.operator.text().count(f"Created RayCluster {ns}/{name}") == 1, env.operator.text()[-3000:]
         # The second attempt resumed from a checkpoint at least as late as the one complete
         # when the head died, and trained on from there: nothing before it twice.
         run_prefix = f"{doc['spec']['checkpoint']['uri']}/{name}"[len(f"s3://{s3_server.bucket}/"):]
