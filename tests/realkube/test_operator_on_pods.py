@@ -1,5 +1,5 @@
 """The operator end to end on the real stack: a FineTuneJob applied with kubectl runs on real
-pods to Succeeded with a final model.
+pods (a head and two workers, ZeRO-3 across them) to Succeeded with a final model.
 
 The operator is the chart's (its ServiceAccount's token, the RBAC Helm renders, the
 Deployment's environment) and runs in a network namespace of its own on the pod network,
@@ -27,7 +27,10 @@ pytestmark = [pytest.mark.realkube, pytest.mark.e2e, pytest.mark.timeout(1200)]
 def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_assets):
     name = "pods"
     with operator_on_pods(kubestack, kubelet, "e2e") as env:
-        ns, doc = env.ns, env.job(name, s3_server, tiny_assets)
+        # Two workers, so two worker pods: ZeRO-3 across the pod network, each pod uploading
+        # its own shard with the keys it got through secretKeyRef.
+        ns, doc = env.ns, env.job(name, s3_server, tiny_assets, {
+            "resources": {"workers": 2}, "strategy": {"deepspeed": {"stage": 3}}})
 
         def status() -> dict:
             return kubestack.get("finetunejob", "-n", ns, name).get("status") or {}
@@ -42,6 +45,10 @@ def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_
         assert st["output"]["modelUri"] == f"{ckpt_run}/final"
         prefix = st["output"]["modelUri"][len(f"s3://{s3_server.bucket}/"):] + "/"
         assert any(k.endswith("model.safetensors") for k in s3_server.keys(prefix))
+        ckpt = st["checkpoint"]["uri"][len(f"s3://{s3_server.bucket}/"):] + "/"
+        shards = [k for k in s3_server.keys(ckpt) if k.endswith("_model_states.pt")]
+        assert sorted(k.rsplit("/", 1)[1] for k in shards) == [
+            "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"], shards
         assert st.get("retries", 0) == 0
         # The cluster is cleaned up (cleanupPolicy DeleteCluster) and its pods' processes
         # with it.
