@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import yaml
@@ -30,7 +31,8 @@ def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_
         # Two workers, so two worker pods: ZeRO-3 across the pod network, each pod uploading
         # its own shard with the keys it got through secretKeyRef.
         ns, doc = env.ns, env.job(name, s3_server, tiny_assets, {
-            "resources": {"workers": 2}, "strategy": {"deepspeed": {"stage": 3}}})
+            "resources": {"workers": 2}, "strategy": {"deepspeed": {"stage": 3}},
+            "runPolicy": {"ttlSecondsAfterFinished": 30}})
 
         def status() -> dict:
             return kubestack.get("finetunejob", "-n", ns, name).get("status") or {}
@@ -60,6 +62,15 @@ def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_
                     if w.pod["metadata"]["namespace"] == ns]
         secret_value = os.environ["AWS_SECRET_ACCESS_KEY"]
         assert secret_value not in json.dumps(kubestack.get("finetunejob", "-n", ns, name))
+        # ttlSecondsAfterFinished: the job itself goes, and nothing of it comes back (no
+        # cluster recreated for a job being deleted, no pods); its checkpoints stay.
+        wait_for("the job to be deleted after its TTL", lambda: kubestack.request(
+            "GET", f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs/{name}")[0] == 404,
+            timeout=120, interval=1)
+        time.sleep(6)  # three reconcile intervals
+        assert kubestack.request("GET", f"/apis/ray.io/v1/namespaces/{ns}/rayclusters/{name}")[0] == 404
+        assert not kubestack.get("pods", "-n", ns)["items"]
+        assert s3_server.keys(ckpt), "checkpoints are kept"
         assert env.operator.proc.poll() is None, env.operator.text()[-3000:]
     # No 403 beyond the denials the chart documents for namespaced mode (as test_rbac).
     assert not env.forbidden(), env.forbidden()
