@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import kopf
@@ -275,29 +275,28 @@ class Reconciler:
         return job, ""
 
     async def observe_secret(self, job: FineTuneJob) -> SecretState:
-        name = job.spec.s3.secret_ref
-        if not name:
-            return SecretState.NOT_NEEDED
-        secret = await self.kube.get_secret(job.namespace, name)
-        if secret is None:
-            return SecretState.MISSING
-        if any(not secret_value(secret, k) for k in S3Secret.REQUIRED):
-            return SecretState.INCOMPLETE
-        return SecretState.PRESENT
+        return await self._secret_state(
+            job.namespace, job.spec.s3.secret_ref,
+            lambda secret: all(secret_value(secret, k) for k in S3Secret.REQUIRED))
 
     async def observe_tracking_secret(self, job: FineTuneJob) -> SecretState:
         """Every MLflow key is optional, but a Secret with neither a user name and password
         nor a token gives the server nothing: the run would fail at its first metric."""
+        def usable(secret: dict[str, Any]) -> bool:
+            has = {k for k in MlflowSecret.OPTIONAL if secret_value(secret, k)}
+            return {MlflowSecret.USERNAME, MlflowSecret.PASSWORD} <= has or MlflowSecret.TOKEN in has
         mlflow = job.spec.tracking.mlflow
-        if mlflow is None or not mlflow.secret_ref:
+        return await self._secret_state(job.namespace, mlflow.secret_ref if mlflow else "", usable)
+
+    async def _secret_state(self, namespace: str | None, name: str | None,
+                            usable: Callable[[dict[str, Any]], bool]) -> SecretState:
+        """A Secret the pods read: not needed (no name), missing, lacking keys, or present."""
+        if not name:
             return SecretState.NOT_NEEDED
-        secret = await self.kube.get_secret(job.namespace, mlflow.secret_ref)
+        secret = await self.kube.get_secret(namespace, name)
         if secret is None:
             return SecretState.MISSING
-        has = {k for k in MlflowSecret.OPTIONAL if secret_value(secret, k)}
-        if not ({MlflowSecret.USERNAME, MlflowSecret.PASSWORD} <= has or MlflowSecret.TOKEN in has):
-            return SecretState.INCOMPLETE
-        return SecretState.PRESENT
+        return SecretState.PRESENT if usable(secret) else SecretState.INCOMPLETE
 
     async def observe_cluster(self, world: World, mem: JobMemory, *, fresh: bool
                               ) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from finetune_testbed.chart_install import OperatorProcess, install_rbac, render_release, start_operator
 from finetune_testbed.rbac import TOLERATED_DENIALS
-from finetune_testbed.tiny_jobs import tiny_job
+from finetune_testbed.tiny_jobs import deep_update, tiny_job
 from .conftest import PROCESS_POOL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,11 +32,9 @@ class OnPods:
         """The tiny job on the process kubelet's pool, its S3 keys from the namespace's Secret."""
         own = {"resources": {"nodeSelector": {"finetune.dev/pool": PROCESS_POOL}},
                "s3": {"secretRef": S3_SECRET}}
-        for key, value in (spec or {}).items():
-            own[key] = {**own.get(key, {}), **value}
         return tiny_job(name, model_uri=tiny_assets.model_uri, dataset_uri=tiny_assets.dataset_uri,
                         bucket=s3_server.bucket, endpoint=s3_server.endpoint, namespace=self.ns,
-                        spec=own, checkpoint_prefix="pods")
+                        spec=deep_update(own, spec or {}), checkpoint_prefix="pods")
 
     def forbidden(self) -> list[str]:
         """The operator's 403s beyond the denials the chart documents for namespaced mode."""

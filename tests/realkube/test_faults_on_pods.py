@@ -14,8 +14,6 @@ kernel would, first the head's Ray and then, in the next attempt, a worker's.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
@@ -25,15 +23,17 @@ from .waiting import wait_for
 pytestmark = [pytest.mark.realkube, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 
-def _metrics_attempts(s3_server, run_prefix: str) -> list[dict]:
-    """The first line of each attempt's metrics log (metrics/<attempt>.jsonl): the attempt."""
+def _metrics_attempts(s3_server, run_prefix: str) -> list:
+    """Each attempt's metrics log (metrics/<attempt>.jsonl) as the loss curve reads it, in the
+    order of their resume steps."""
+    from finetune_trainer.loss_curve import parse_attempt
+
     out = []
     for key in s3_server.keys(f"{run_prefix}/metrics/"):
         if key.endswith(".jsonl"):
             body = s3_server.client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
-            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-            out.append({**lines[0], "steps": [r["step"] for r in lines if r.get("kind") == "step"]})
-    return sorted(out, key=lambda a: a["resumedFromStep"])
+            out.append(parse_attempt(key.rsplit("/", 1)[1][:-len(".jsonl")], body.decode()))
+    return sorted(out, key=lambda a: a.resumed_from)
 
 
 def test_head_then_worker_oom_killed_mid_run_are_counted_retries_that_resume(kubestack, kubelet, s3_server, tiny_assets):
@@ -92,8 +92,8 @@ def test_head_then_worker_oom_killed_mid_run_are_counted_retries_that_resume(kub
         attempts = _metrics_attempts(s3_server, run_prefix)
         assert len(attempts) == 3, attempts
         for resumed, died_after in zip(attempts[1:], (killed_after, worker_killed_after)):
-            assert resumed["resumedFromStep"] >= died_after > 0, (resumed, died_after)
-            assert resumed["steps"][0] == resumed["resumedFromStep"] + 1, resumed
-        assert attempts[2]["steps"][-1] == 200
+            assert resumed.resumed_from >= died_after > 0, (resumed.name, resumed.resumed_from, died_after)
+            assert min(resumed.steps) == resumed.resumed_from + 1, (resumed.name, sorted(resumed.steps))
+        assert max(attempts[2].steps) == 200
         assert env.operator.proc.poll() is None, env.operator.text()[-3000:]
     assert not env.forbidden(), env.forbidden()
