@@ -31,15 +31,17 @@ import kopf
 
 from finetune_api import GROUP, PLURAL, VERSION
 
+from .reconcile import TRAINER_STOP_GRACE_S
 from .runtime import Runtime
 from .settings import ANNOTATION_PREFIX, FINALIZER, JOB_LABEL, Settings
 
 logger = logging.getLogger("finetune_operator")
 RESOURCE = (GROUP, VERSION, PLURAL)
-# How long kopf keeps a deleted job's finalizer while its clean-up runs. After that the
-# job goes anyway; its RayCluster and Secret carry ownerReferences, so Kubernetes'
-# garbage collector deletes them (which also ends the Ray job).
-CLEANUP_TIMEOUT = 60.0
+# How long kopf keeps a deleted job's finalizer while its clean-up runs (which gives a
+# running trainer Ray's stop grace before its cluster goes). After that the job goes anyway;
+# its RayCluster and Secret carry ownerReferences, so Kubernetes' garbage collector deletes
+# them (which also ends the Ray job).
+CLEANUP_TIMEOUT = TRAINER_STOP_GRACE_S + 30.0
 
 
 class NoDiffBase(kopf.AnnotationsDiffBaseStorage):

@@ -207,20 +207,52 @@ def _provisioning(phase: str) -> str:
     return Phase.RETRYING if phase == Phase.RETRYING else Phase.PROVISIONING
 
 
-def _cleanup_actions(job: FineTuneJob, phase: str, cluster: ClusterState) -> list[Action]:
-    if cluster in (ClusterState.ABSENT, ClusterState.FOREIGN):
-        return []
-    policy = job.spec.run_policy.cleanup_policy
-    if policy == "Keep" or (policy == "KeepOnFailure" and phase == Phase.FAILED):
+# While a stopped Ray job winds down, the next look comes this soon.
+STOPPING_POLL_S = 2.0
+
+
+def _take_down(obs: Observed, sub_id: str | None) -> list[Action]:
+    """The actions that take the job's RayCluster down: a Ray job still running is stopped
+    first, and the cluster deleted on a later pass, once Ray reports the job over (Ray
+    SIGKILLs a driver still there after RAY_JOB_STOP_WAIT_TIME_S, so the wait is bounded).
+    Deleting the pods under a running driver kills it with its head: it can neither say
+    where it stopped nor release its lease, and the job's next run waits out the stale
+    lease, or is refused for it. Ray's answer is only looked for on a ready cluster; any
+    other (gone, down, unreachable) has no job left to stop."""
+    if sub_id and obs.ray_job.active:
+        return [StopJob(sub_id)]
+    if obs.cluster in (ClusterState.ABSENT, ClusterState.FOREIGN):
         return []
     return [DeleteCluster()]
+
+
+def waits_for_stop(decision: Decision) -> bool:
+    """Whether the decision stops a Ray job and leaves its cluster for a later pass."""
+    return any(isinstance(a, StopJob) for a in decision.actions) \
+        and not any(isinstance(a, DeleteCluster) for a in decision.actions)
+
+
+def _stopping(decision: Decision) -> Decision:
+    """Look again soon while a stopped Ray job winds down before its cluster goes."""
+    if waits_for_stop(decision):
+        decision.requeue_after = STOPPING_POLL_S
+    return decision
+
+
+def _cleanup_actions(obs: Observed, phase: str) -> list[Action]:
+    policy = obs.job.spec.run_policy.cleanup_policy
+    if policy == "Keep" or (policy == "KeepOnFailure" and phase == Phase.FAILED):
+        return []
+    return _take_down(obs, obs.status.get("rayJobId"))
 
 
 def _finished(obs: Observed, phase: str) -> Decision:
     """Succeeded/Failed are final: clean up per policy, expire by TTL, never recreate."""
     job, status = obs.job, obs.status
     decision = Decision(phase=phase, message=status.get("message") or phase)
-    decision.actions += _cleanup_actions(job, phase, obs.cluster)
+    decision.actions += _cleanup_actions(obs, phase)
+    if waits_for_stop(decision):
+        return _stopping(decision)
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     done = parse_time(status.get("completionTime"))
     if ttl is not None and done is not None:
@@ -243,14 +275,14 @@ def _finish(obs: Observed, phase: str, reason: str, message: str,
     ok = phase == Phase.SUCCEEDED
     decision = Decision(phase=phase, message=message)
     decision.actions += list(extra_actions)
-    decision.actions += _cleanup_actions(obs.job, phase, obs.cluster)
+    decision.actions += [a for a in _cleanup_actions(obs, phase) if a not in decision.actions]
     decision.conditions += [
         Condition(Cond.SUCCEEDED if ok else Cond.FAILED, "True", reason, message),
         Condition(Cond.RUNNING, "False", reason, message),
     ]
     decision.events.append(Event("Normal" if ok else "Warning", reason, message))
     decision.status["completionTime"] = iso(obs.now)
-    return decision
+    return _stopping(decision)
 
 
 def _waiting_for_secret(job: FineTuneJob, obs: Observed) -> tuple[str, str] | None:
@@ -307,14 +339,10 @@ def _report_spec_changes(obs: Observed, phase: str, decision: Decision) -> None:
 def _deleting(obs: Observed) -> Decision:
     """The job is being deleted (kopf's finalizer holds it meanwhile): stop its Ray job and
     delete its RayCluster; checkpoints and the model stay. Nothing is written to it."""
-    actions: list[Action] = []
-    if obs.cluster == ClusterState.READY and obs.job is not None:
-        actions.append(StopJob(obs.status.get("rayJobId") or submission_id(obs.job, 1)))
-    if obs.cluster not in (ClusterState.ABSENT, ClusterState.FOREIGN):
-        actions.append(DeleteCluster())
-    return Decision(phase=obs.status.get("phase") or Phase.PENDING,
-                    message=obs.status.get("message") or "", actions=actions,
-                    write_status=False)
+    sub_id = obs.status.get("rayJobId") or submission_id(obs.job, 1) if obs.job else None
+    return _stopping(Decision(phase=obs.status.get("phase") or Phase.PENDING,
+                              message=obs.status.get("message") or "",
+                              actions=_take_down(obs, sub_id), write_status=False))
 
 
 def _invalid(obs: Observed) -> Decision:
@@ -345,13 +373,8 @@ def _decide_active(obs: Observed, phase: str, sub_id: str | None) -> Decision:
 
     # Suspension wins over everything but a finished job.
     if policy.suspend:
-        actions: list[Action] = []
-        if sub_id and obs.ray_job.active:
-            actions.append(StopJob(sub_id))
-        if obs.cluster not in (ClusterState.ABSENT, ClusterState.FOREIGN):
-            actions.append(DeleteCluster())
         msg = "Suspended: the Ray job is stopped and the RayCluster deleted"
-        d = Decision(phase=Phase.SUSPENDED, message=msg, actions=actions)
+        d = _stopping(Decision(phase=Phase.SUSPENDED, message=msg, actions=_take_down(obs, sub_id)))
         d.conditions += [Condition(Cond.SUSPENDED, "True", Reason.SUSPENDED, msg),
                          Condition(Cond.READY, "False", Reason.SUSPENDED, msg),
                          Condition(Cond.RUNNING, "False", Reason.SUSPENDED, msg),

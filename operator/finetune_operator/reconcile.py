@@ -243,9 +243,11 @@ class Reconciler:
                 and cluster == ClusterState.PROVISIONING:
             blocked = await self.observe_blocked(world)
         ray_state, ray_message = RayJobState.UNKNOWN, ""
-        if job is not None and phase not in FINISHED and not deleting \
-                and cluster == ClusterState.READY:
-            ray_state, ray_message = await self.observe_ray_job(job, world, mem)
+        if job is not None and cluster == ClusterState.READY:
+            # A finished or deleted job's too: its cluster goes only once its Ray job is over
+            # (phases._take_down); their log is not followed any more.
+            ray_state, ray_message = await self.observe_ray_job(
+                job, world, mem, follow_log=phase not in FINISHED and not deleting)
         world.obs = Observed(
             job=job, generation=generation, status=status, now=now_utc(), secret=secret,
             tracking_secret=tracking_secret,
@@ -341,8 +343,8 @@ class Reconciler:
                 return Reason.CLUSTER_REFUSED, refused
         return None
 
-    async def observe_ray_job(self, job: FineTuneJob, world: World, mem: JobMemory
-                              ) -> tuple[RayJobState, str]:
+    async def observe_ray_job(self, job: FineTuneJob, world: World, mem: JobMemory,
+                              follow_log: bool = True) -> tuple[RayJobState, str]:
         """The current attempt's Ray job on a ready cluster, and its log (progress)."""
         assert world.cluster is not None
         sub_id = world.status.get("rayJobId") or phases.submission_id(job, 1)
@@ -356,7 +358,8 @@ class Reconciler:
             if world.ray_info is None:
                 return RayJobState.NOT_FOUND, ""
             state = RayJobState(world.ray_info.status)
-            await self.read_log(world.client, sub_id, mem, world)
+            if follow_log:
+                await self.read_log(world.client, sub_id, mem, world)
             return state, world.ray_info.message
         except RayJobsError as e:
             # Shown in the Ready condition; a refused token is read again next time
@@ -643,11 +646,20 @@ class Reconciler:
             return
 
         async def clean_up() -> None:
+            loop = asyncio.get_running_loop()
+            # A running Ray job is stopped first and the cluster deleted once it is over
+            # (phases._take_down): passes until then, for at most Ray's stop grace. After
+            # that the finalizer goes anyway and the garbage collector deletes the cluster.
+            until = loop.time() + TRAINER_STOP_GRACE_S + 10
             try:
                 for attempt in range(CLEANUP_ATTEMPTS):
                     try:
-                        async with mem.lock:
-                            await self._reconcile(copy.deepcopy(body), mem)
+                        while True:
+                            async with mem.lock:
+                                decision = await self._reconcile(copy.deepcopy(body), mem)
+                            if not phases.waits_for_stop(decision) or loop.time() > until:
+                                break
+                            await asyncio.sleep(decision.requeue_after or phases.STOPPING_POLL_S)
                         break
                     except (KubeError, aiohttp.ClientError, TimeoutError) as e:
                         logger.warning("Clean-up of deleted FineTuneJob %s failed "

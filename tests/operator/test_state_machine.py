@@ -102,14 +102,23 @@ TABLE = [
      running(startTime="2026-11-24T10:00:00Z"),
      dict(j=job(**{"spec.runPolicy.activeDeadlineSeconds": 600}), cluster=C.READY,
           ray=R.RUNNING),
-     [StopJob(A1), DeleteCluster()], "Failed", Reason.DEADLINE_EXCEEDED),
+     [StopJob(A1)], "Failed", Reason.DEADLINE_EXCEEDED),
+    ("past the deadline, the stopped Ray job over: the cluster goes",
+     {**running(), "phase": "Failed"}, dict(cluster=C.READY, ray=R.STOPPED),
+     [DeleteCluster()], "Failed", None),
+    ("past the deadline, the Ray job still stopping: the cluster waits",
+     {**running(), "phase": "Failed"}, dict(cluster=C.READY, ray=R.RUNNING),
+     [StopJob(A1)], "Failed", None),
     ("deadline not yet passed", running(startTime="2026-11-24T11:59:00Z"),
      dict(j=job(**{"spec.runPolicy.activeDeadlineSeconds": 600}), cluster=C.READY,
           ray=R.RUNNING),
      [], "Running", Reason.CLUSTER_READY),
     ("suspend a running job", running(),
      dict(j=job(**{"spec.runPolicy.suspend": True}), cluster=C.READY, ray=R.RUNNING),
-     [StopJob(A1), DeleteCluster()], "Suspended", Reason.SUSPENDED),
+     [StopJob(A1)], "Suspended", Reason.SUSPENDED),
+    ("suspended, the stopped Ray job over: the cluster goes", {**running(), "phase": "Suspended"},
+     dict(j=job(**{"spec.runPolicy.suspend": True}), cluster=C.READY, ray=R.STOPPED),
+     [DeleteCluster()], "Suspended", Reason.SUSPENDED),
     ("suspended and cleaned up", {"phase": "Suspended", "rayJobId": A1},
      dict(j=job(**{"spec.runPolicy.suspend": True})), [], "Suspended", Reason.SUSPENDED),
     ("resume", {"phase": "Suspended", "rayJobId": A1}, dict(),
@@ -136,10 +145,15 @@ TABLE = [
      "Succeeded", None),
     ("ttl not yet expired", {"phase": "Succeeded", "completionTime": "2026-11-24T11:59:30Z"},
      dict(j=job(**{"spec.runPolicy.ttlSecondsAfterFinished": 60})), [], "Succeeded", None),
-    ("deleted while running: stop, delete the cluster", running(),
-     dict(cluster=C.READY, deleting=True), [StopJob(A1), DeleteCluster()], "Running", None),
+    ("deleted while running: stop, the cluster waits for the stop", running(),
+     dict(cluster=C.READY, ray=R.RUNNING, deleting=True), [StopJob(A1)], "Running", None),
+    ("deleted, the stopped Ray job over: the cluster goes", running(),
+     dict(cluster=C.READY, ray=R.STOPPED, deleting=True), [DeleteCluster()], "Running", None),
+    ("deleted, the dashboard does not answer: the cluster goes", running(),
+     dict(cluster=C.READY, ray=R.UNREACHABLE, deleting=True), [DeleteCluster()], "Running",
+     None),
     ("deleted before anything was submitted: the first attempt's id is stopped", {},
-     dict(cluster=C.READY, deleting=True), [StopJob(A1), DeleteCluster()], "Pending", None),
+     dict(cluster=C.READY, ray=R.PENDING, deleting=True), [StopJob(A1)], "Pending", None),
     ("deleted while the cluster comes up", {"phase": "Provisioning"},
      dict(cluster=C.PROVISIONING, deleting=True), [DeleteCluster()], "Provisioning", None),
     ("deleted, no cluster", {"phase": "Succeeded"}, dict(cluster=C.ABSENT, deleting=True),
@@ -164,6 +178,24 @@ def test_transition(status, world, actions, phase, reason):
     assert d.actions == actions
     assert d.phase == phase
     assert d.reason == reason
+
+
+def test_a_running_ray_job_is_stopped_before_its_cluster_goes():
+    """Deadline, suspension, deletion: the pass that stops the Ray job leaves the cluster to
+    the pass that sees the job over, and comes back soon for it."""
+    deadline = job(**{"spec.runPolicy.activeDeadlineSeconds": 600})
+    for status, world in (
+            (running(startTime="2026-11-24T10:00:00Z"), dict(j=deadline)),
+            (running(), dict(j=job(**{"spec.runPolicy.suspend": True}))),
+            (running(), dict(deleting=True)),
+            ({**running(), "phase": "Failed"}, dict())):
+        stopping = decide(obs(status, cluster=C.READY, ray=R.RUNNING, **world))
+        assert stopping.actions == [StopJob(A1)], (status, world)
+        assert stopping.requeue_after == phases.STOPPING_POLL_S
+        over = decide(obs({**status, "phase": stopping.phase}, cluster=C.READY, ray=R.STOPPED,
+                          **world))
+        assert over.actions == [DeleteCluster()], (status, world)
+        assert over.requeue_after != phases.STOPPING_POLL_S
 
 
 def test_deletion_writes_nothing():

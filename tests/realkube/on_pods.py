@@ -10,7 +10,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from finetune_testbed.chart_install import OperatorProcess, install_rbac, render_release, start_operator
 from finetune_testbed.rbac import TOLERATED_DENIALS
@@ -27,6 +27,16 @@ S3_SECRET = "s3-credentials"
 class OnPods:
     ns: str
     operator: OperatorProcess
+    start: Callable[[], OperatorProcess]
+    restarts: int = 0
+
+    def crash_operator(self) -> None:
+        """SIGKILL the operator, as a node loss or an OOM kill would, and start a new one in
+        the same sandbox with the same token (its log goes on in the same file)."""
+        self.operator.proc.kill()
+        self.operator.proc.wait()
+        self.operator = self.start()
+        self.restarts += 1
 
     def job(self, name: str, s3_server, tiny_assets, spec: dict | None = None) -> dict:
         """The tiny job on the process kubelet's pool, its S3 keys from the namespace's Secret."""
@@ -58,14 +68,17 @@ def operator_on_pods(kubestack, kubelet, prefix: str) -> Iterator[OnPods]:
                               for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     token = kubestack.service_account_token(release.namespace, release.service_account)
     sandbox = kubelet.network.create_sandbox(release.namespace, f"{release.name}-operator")
-    operator = start_operator(kubestack, release, token, sandbox=sandbox, extra_env={
-        "FINETUNE_OPERATOR_RECONCILE_INTERVAL": "2",
-        "FINETUNE_OPERATOR_TRACKING_INTERVAL": "2",
-        # DeepSpeed's CPU ops are compiled once per machine; the pods share the build.
-        "FINETUNE_OPERATOR_TRAINER_ENV":
-            f"TORCH_EXTENSIONS_DIR={TORCH_EXTENSIONS};RAY_DEDUP_LOGS=0"})
+
+    def start() -> OperatorProcess:
+        return start_operator(kubestack, release, token, sandbox=sandbox, extra_env={
+            "FINETUNE_OPERATOR_RECONCILE_INTERVAL": "2",
+            "FINETUNE_OPERATOR_TRACKING_INTERVAL": "2",
+            # DeepSpeed's CPU ops are compiled once per machine; the pods share the build.
+            "FINETUNE_OPERATOR_TRAINER_ENV":
+                f"TORCH_EXTENSIONS_DIR={TORCH_EXTENSIONS};RAY_DEDUP_LOGS=0"})
+    env = OnPods(ns, start(), start)
     try:
-        yield OnPods(ns, operator)
+        yield env
     finally:
-        operator.stop()
+        env.operator.stop()
         kubelet.network.delete_sandbox(sandbox.name)
