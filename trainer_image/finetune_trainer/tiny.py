@@ -67,7 +67,7 @@ def build_tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS + CHAT_TOKENS,
-                                                             min_frequency=1))
+                                                             min_frequency=1, show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="</s>", model_max_length=4096,
                                         extra_special_tokens=CHAT_TOKENS)
@@ -93,6 +93,19 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2
     return LlamaForCausalLM(config)
 
 
+def _quiet_save() -> None:
+    """save_pretrained without its console chatter (a progress bar for a one-shard model;
+    accelerate's unwrap imports DeepSpeed, whose accelerator detection warns on a machine
+    without a GPU that it "was unable to detect it"): saying `cpu` is what that detection
+    concludes, without the warning. The training processes choose their own accelerator."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_tiny_assets(out_dir: str, seed: int = 0, sentences: int = 400) -> dict[str, str]:
     """Write <out_dir>/model (HF model + tokenizer), <out_dir>/data/train.jsonl (text) and
     <out_dir>/data/chat.jsonl (chat records).
@@ -107,6 +120,7 @@ def build_tiny_assets(out_dir: str, seed: int = 0, sentences: int = 400) -> dict
     texts = make_sentences(sentences, seed)
     tokenizer = build_tokenizer(texts)
     model = build_tiny_model(tokenizer, seed)
+    _quiet_save()
     model.save_pretrained(model_dir)  # safetensors
     tokenizer.save_pretrained(model_dir)
     dataset_path = os.path.join(data_dir, "train.jsonl")
