@@ -58,8 +58,10 @@ def session_for(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
 
 class KubeClient:
     def __init__(self, session: aiohttp.ClientSession | None, server: str = "",
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, instance: str = "finetune-operator"):
         self._session = session
+        # This replica (its pod's name): Events say which of the hot standbys acted.
+        self.instance = instance
         self._server = server.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
@@ -184,7 +186,7 @@ class KubeClient:
             "type": type,
             "source": {"component": component},
             "reportingComponent": component,
-            "reportingInstance": component,
+            "reportingInstance": self.instance,
             "firstTimestamp": now, "lastTimestamp": now, "eventTime": now,
             "action": reason,
         }

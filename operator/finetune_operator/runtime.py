@@ -7,6 +7,8 @@ handler binds the API client to kopf's credentials.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 import aiohttp
@@ -27,7 +29,9 @@ class Runtime:
         self.connection = connection
         # A session without Kubernetes credentials, for the Ray dashboards and S3.
         self.http = aiohttp.ClientSession()
-        self.kube = KubeClient(None, timeout=settings.request_timeout)
+        # POD_ID (the chart's downward API: the pod's name) is also kopf's peering identity.
+        self.kube = KubeClient(None, timeout=settings.request_timeout,
+                               instance=os.environ.get("POD_ID") or socket.gethostname())
         self.metrics = Metrics()
         self.reconciler = Reconciler(settings, self.kube, self.http, self.metrics)
         self.metrics_server = (self.metrics.serve(settings.metrics_port)

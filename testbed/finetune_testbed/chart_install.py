@@ -120,7 +120,7 @@ def start_operator(stack: KubeStack, release: Release, token: str, *,
             env=env, mounts=[[str(sandbox.hosts), "/etc/hosts"],
                              [str(sandbox.resolv), "/etc/resolv.conf"]], workdir=workdir)
         return OperatorProcess(proc, workdir / "log")
-    log = stack.workdir / f"operator-{release.name}.log"
+    log = stack.workdir / f"operator-{env['POD_ID']}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([str(finetune), "operator"], env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -54,18 +54,24 @@ class OnPods:
                 and not any(r in line for r in tolerated)]
 
 
+def s3_secret(ns: str) -> dict:
+    """The job namespace's S3 Secret, with the test's moto keys."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": S3_SECRET, "namespace": ns},
+            "data": {k: base64.b64encode(os.environ[k].encode()).decode()
+                     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
+
+
 @contextlib.contextmanager
-def operator_on_pods(kubestack, kubelet, prefix: str) -> Iterator[OnPods]:
+def operator_on_pods(kubestack, kubelet, prefix: str, with_secret: bool = True) -> Iterator[OnPods]:
     suffix = uuid.uuid4().hex[:5]
     ns = f"{prefix}-{suffix}"
     release = render_release({"rbac": {"mode": "namespaced"}, "watchNamespaces": [ns]},
                              name=f"ft{suffix}", namespace=f"ft-system-{suffix}")
     install_rbac(kubestack, release)
     kubestack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    kubestack.apply({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                     "metadata": {"name": S3_SECRET, "namespace": ns},
-                     "data": {k: base64.b64encode(os.environ[k].encode()).decode()
-                              for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
+    if with_secret:
+        kubestack.apply(s3_secret(ns))
     token = kubestack.service_account_token(release.namespace, release.service_account)
     sandbox = kubelet.network.create_sandbox(release.namespace, f"{release.name}-operator")
 

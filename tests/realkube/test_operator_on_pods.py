@@ -1,5 +1,6 @@
 """The operator end to end on the real stack: a FineTuneJob applied with kubectl runs on real
-pods (a head and two workers, ZeRO-3 across them) to Succeeded with a final model.
+pods (a head and two workers, ZeRO-3 or FSDP across them) to Succeeded with a final model;
+the FSDP one first waits for its S3 Secret.
 
 The operator is the chart's (its ServiceAccount's token, the RBAC Helm renders, the
 Deployment's environment) and runs in a network namespace of its own on the pod network,
@@ -19,25 +20,47 @@ import time
 import pytest
 import yaml
 
-from .on_pods import operator_on_pods
+from .on_pods import operator_on_pods, s3_secret
 from .waiting import wait_for
 
 pytestmark = [pytest.mark.realkube, pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
-def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_assets):
+# Each pod's own checkpoint files: DeepSpeed's per-rank model states, DCP's per-rank shards.
+SHARDS = {
+    "deepspeed": ("_model_states.pt", ["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                       "zero_pp_rank_1_mp_rank_00_model_states.pt"]),
+    "fsdp": (".distcp", ["__0_0.distcp", "__1_0.distcp"]),
+}
+
+
+@pytest.mark.parametrize("strategy", [{"type": "deepspeed", "deepspeed": {"stage": 3}},
+                                      {"type": "fsdp", "fsdp": {"shardingStrategy": "FULL_SHARD"}}],
+                         ids=["zero3", "fsdp"])
+def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_assets, strategy):
     name = "pods"
-    with operator_on_pods(kubestack, kubelet, "e2e") as env:
-        # Two workers, so two worker pods: ZeRO-3 across the pod network, each pod uploading
-        # its own shard with the keys it got through secretKeyRef.
+    # The FSDP job is applied before its S3 Secret exists: it waits (SecretNotFound, no
+    # cluster), and goes on by itself once the Secret is created.
+    late_secret = strategy["type"] == "fsdp"
+    with operator_on_pods(kubestack, kubelet, "e2e", with_secret=not late_secret) as env:
+        # Two workers, so two worker pods: the strategy shards across the pod network, each
+        # pod uploading its own shard with the keys it got through secretKeyRef.
         ns, doc = env.ns, env.job(name, s3_server, tiny_assets, {
-            "resources": {"workers": 2}, "strategy": {"deepspeed": {"stage": 3}},
+            "resources": {"workers": 2}, "strategy": strategy,
             "runPolicy": {"ttlSecondsAfterFinished": 30}})
 
         def status() -> dict:
             return kubestack.get("finetunejob", "-n", ns, name).get("status") or {}
         applied = kubestack.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
         assert f"finetunejob.finetune.dev/{name} created" in applied.stdout
+        if late_secret:
+            st = wait_for("the job to wait for its Secret", lambda: (lambda s: s if any(
+                c.get("reason") == "SecretNotFound" for c in s.get("conditions") or [])
+                else None)(status()), timeout=60, interval=1)
+            assert st["phase"] == "Pending" and "spec.s3.secretRef" in st["message"] + str(st["conditions"])
+            time.sleep(4)  # two reconcile intervals: nothing is created meanwhile
+            assert not kubestack.get("rayclusters", "-n", ns)["items"]
+            kubestack.apply(s3_secret(ns))
         st = wait_for("the job to finish on real pods",
                       lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed")
                                else None)(status()), timeout=900, interval=2)
@@ -48,9 +71,9 @@ def test_apply_runs_to_success_on_real_pods(kubestack, kubelet, s3_server, tiny_
         prefix = st["output"]["modelUri"][len(f"s3://{s3_server.bucket}/"):] + "/"
         assert any(k.endswith("model.safetensors") for k in s3_server.keys(prefix))
         ckpt = st["checkpoint"]["uri"][len(f"s3://{s3_server.bucket}/"):] + "/"
-        shards = [k for k in s3_server.keys(ckpt) if k.endswith("_model_states.pt")]
-        assert sorted(k.rsplit("/", 1)[1] for k in shards) == [
-            "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"], shards
+        suffix, expected = SHARDS[strategy["type"]]
+        shards = [k for k in s3_server.keys(ckpt) if k.endswith(suffix)]
+        assert sorted(k.rsplit("/", 1)[1] for k in shards) == expected, shards
         assert st.get("retries", 0) == 0
         # The cluster is cleaned up (cleanupPolicy DeleteCluster) and its pods' processes
         # with it.
