@@ -86,6 +86,9 @@ class JobMemory:
     written_version: str | None = None
     # The deletion clean-up (start_cleanup), once the job is being deleted.
     cleanup: asyncio.Task | None = None
+    # The Ray job this operator asked to stop (asked again on each pass until Ray reports it
+    # over; said once).
+    stopping: str | None = None
 
     def seen_version(self, resource_version: str | None) -> None:
         """The job watch delivered this version: from it on, kopf's copy is as new."""
@@ -134,6 +137,25 @@ def _health(cluster: dict[str, Any] | None) -> tuple[Any, ...]:
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+async def _hold_until_done(task: asyncio.Task) -> Any:
+    """Await `task` through cancellations of the awaiting task. kopf cancels a deleted
+    job's daemon, and the await of the clean-up that follows is cancelled again at once
+    (kopf 1.45: the shielded await raised CancelledError while the clean-up was pending),
+    yet the daemon must outlive the clean-up: once it ends, kopf drops its finalizer and the garbage
+    collector deletes the RayCluster under a trainer that is still stopping. Bounded by the
+    clean-up's own time limit (start_cleanup), and by kopf's cancellation_timeout (main.py)
+    after which kopf leaves the daemon be."""
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
 
 
 def _key(body: Mapping[str, Any]) -> str:
@@ -454,7 +476,8 @@ class Reconciler:
         if client is None:
             return
         try:
-            if await client.stop(sub_id):
+            if await client.stop(sub_id) and mem.stopping != sub_id:
+                mem.stopping = sub_id
                 logger.info("Stopped Ray job %s of %s/%s", sub_id, job.namespace, job.name)
         except RayJobsError as e:
             # Deleting the cluster (which follows) ends the job anyway.
@@ -633,10 +656,18 @@ class Reconciler:
                     pass
         finally:
             # Stopped for the deletion (cancelled by kopf): hold the finalizer until the
-            # clean-up is done. Stopped because the operator exits: leave it running.
-            if mem.cleanup is not None and not (stopped.reason or 0) & \
-                    kopf.DaemonStoppingReason.OPERATOR_EXITING:
-                await asyncio.shield(mem.cleanup)
+            # clean-up is done. kopf may cancel the daemon before the job's deletion event
+            # reaches job_event: then the clean-up starts here, from kopf's live body (were
+            # the daemon to end first, kopf would drop its finalizer and the garbage
+            # collector delete the cluster under a running trainer). Stopped because the
+            # operator exits: leave it running.
+            if not (stopped.reason or 0) & kopf.DaemonStoppingReason.OPERATOR_EXITING:
+                meta = body.get("metadata") or {}
+                if mem.cleanup is None and meta.get("deletionTimestamp") \
+                        and FINALIZER in (meta.get("finalizers") or []):
+                    self.start_cleanup(_key(body), dict(body))
+                if mem.cleanup is not None:
+                    await _hold_until_done(mem.cleanup)
 
     def start_cleanup(self, key: str, body: dict[str, Any]) -> None:
         """Start the deletion clean-up of a job once (a pass that the machine turns into

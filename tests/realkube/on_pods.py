@@ -54,6 +54,19 @@ class OnPods:
                 and not any(r in line for r in tolerated)]
 
 
+def metrics_attempts(s3_server, run_prefix: str) -> list:
+    """Each attempt's metrics log (metrics/<attempt>.jsonl) as the loss curve reads it, in the
+    order of their resume steps."""
+    from finetune_trainer.loss_curve import parse_attempt
+
+    out = []
+    for key in s3_server.keys(f"{run_prefix}/metrics/"):
+        if key.endswith(".jsonl"):
+            body = s3_server.client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+            out.append(parse_attempt(key.rsplit("/", 1)[1][:-len(".jsonl")], body.decode()))
+    return sorted(out, key=lambda a: a.resumed_from)
+
+
 def s3_secret(ns: str) -> dict:
     """The job namespace's S3 Secret, with the test's moto keys."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",

@@ -28,23 +28,10 @@ import yaml
 
 from finetune_api.events import parse_events
 
-from .on_pods import operator_on_pods
+from .on_pods import metrics_attempts, operator_on_pods
 from .waiting import wait_for
 
 pytestmark = [pytest.mark.realkube, pytest.mark.e2e, pytest.mark.timeout(1500)]
-
-
-def _metrics_attempts(s3_server, run_prefix: str) -> list:
-    """Each attempt's metrics log (metrics/<attempt>.jsonl) as the loss curve reads it, in the
-    order of their resume steps."""
-    from finetune_trainer.loss_curve import parse_attempt
-
-    out = []
-    for key in s3_server.keys(f"{run_prefix}/metrics/"):
-        if key.endswith(".jsonl"):
-            body = s3_server.client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
-            out.append(parse_attempt(key.rsplit("/", 1)[1][:-len(".jsonl")], body.decode()))
-    return sorted(out, key=lambda a: a.resumed_from)
 
 
 def test_head_then_worker_oom_killed_mid_run_are_counted_retries_that_resume(kubestack, kubelet, s3_server, tiny_assets):
@@ -123,7 +110,7 @@ def test_head_then_worker_oom_killed_mid_run_are_counted_retries_that_resume(kub
         # when the previous attempt's pod died, and trained on from there: no step before that
         # checkpoint was trained twice.
         run_prefix = f"{doc['spec']['checkpoint']['uri']}/{name}"[len(f"s3://{s3_server.bucket}/"):]
-        attempts = _metrics_attempts(s3_server, run_prefix)
+        attempts = metrics_attempts(s3_server, run_prefix)
         assert len(attempts) == 3, attempts
         for resumed, died_after in zip(attempts[1:], (killed_after, worker_killed_after)):
             assert resumed.resumed_from >= died_after > 0, (resumed.name, resumed.resumed_from, died_after)
