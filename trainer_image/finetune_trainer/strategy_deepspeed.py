@@ -21,6 +21,7 @@ from .strategies import Strategy, register
 # ZeRO-3's final-model gather: parameters gathered together up to this many bytes (a bigger one
 # alone), so the collectives are few and the gathered part stays small.
 GATHER_BYTES = 64 << 20
+MIN_BUCKET = 1 << 23  # elements: 32 MiB in fp32
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -41,7 +42,9 @@ def bucket_sizes(stage: int, hidden_size: int) -> dict[str, int]:
     model's gradients. ZeRO-3 also releases a gathered parameter once its layer has run
     (reuse distance and live parameters a few layers' worth, not 1e9: at the default every
     parameter of a model below 1B stays gathered from forward to backward)."""
-    layer = hidden_size * hidden_size
+    # At least MIN_BUCKET: every bucket is one collective, and below a few million elements
+    # their fixed cost (gloo on CPU: milliseconds each) slows the step more than it saves.
+    layer = max(hidden_size * hidden_size, MIN_BUCKET)
     out = {"reduce_bucket_size": layer}
     if stage in (1, 2):
         out["allgather_bucket_size"] = layer
@@ -73,7 +76,7 @@ def build_ds_config(training, deepspeed_spec, hidden_size: int | None = None) ->
         "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # We hand DeepSpeed a torch AdamW: it avoids JIT-compiling FusedAdam (needs nvcc) or
         # DeepSpeedCPUAdam (a C++ build of ~60 s in every fresh pod). With optimizer offload
-        # DeepSpeed insists on DeepSpeedCPUAdam unless told otherwise; torch's foreach AdamW
+        # DeepSpeed insists on DeepSpeedCPUAdam unless told otherwise; torch's fused AdamW
         # runs the same math on the offloaded fp32 states, a little slower per step but with
         # no compiler in the image and no first-step stall. A power user who prefers
         # DeepSpeed's own optimizer sets "optimizer" in strategy.deepspeed.config.

@@ -98,7 +98,11 @@ class FSDPStrategy(Strategy):
                        offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=RESHARD_AFTER_FORWARD[spec.sharding_strategy], **options)
-        fully_shard(model, **options)  # the rest (embeddings, final norm, output head)
+        # The rest (embeddings, final norm, output head), resharded like the layers: torch's
+        # default keeps the root gathered from forward to backward, and with a 32k vocabulary
+        # the embeddings and the head are a large part of a model; whole on every rank they
+        # would cost more host memory than the step's all-gather saves.
+        fully_shard(model, reshard_after_forward=RESHARD_AFTER_FORWARD[spec.sharding_strategy], **options)
         # Only now does memory exist for the parameters: this rank's shards, then their values.
         # Offloaded shards live on the CPU; the compute device gets only the gathered layers.
         model.to_empty(device="cpu" if offload else device)
