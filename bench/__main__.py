@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu_throughput": "bench.gpu_throughput",
     "lora_vs_full": "bench.lora_vs_full",
     "gpu_qlora": "bench.gpu_qlora",
+    "model_memory": "bench.model_memory",
 }
 
 

@@ -1,10 +1,10 @@
 """The baselines of the throughput benchmarks: minimal Ray Train `TorchTrainer` loops.
 
 What a careful engineer writes by hand for the same job: load the model, shard it
-(`deepspeed.initialize` with ZeRO-3, or torch FSDP FULL_SHARD with one unit per decoder layer),
+(`deepspeed.initialize` with ZeRO-3, or torch FSDP2 `fully_shard` FULL_SHARD on each decoder layer and the root),
 a plain batch loop with AdamW, and nothing else: no checkpoints, no progress events, no loss
 all-reduce. The model, the data (the same jsonl, tokenizer and packing into maxSeqLength pieces),
-the micro-batch, the optimizer settings (AdamW, foreach, grad clipping 1.0) and the worker group
+the micro-batch, the optimizer settings (AdamW, fused, grad clipping 1.0) and the worker group
 are the project trainer's, so the ratio of the two is the trainer's own overhead.
 
 Timing: rank 0 takes `time.time()` after optimizer step 1 and after the last step, the same
@@ -61,7 +61,7 @@ def _optimizer(params, config: dict[str, Any]):
     import torch
 
     return torch.optim.AdamW(params, lr=config["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=config.get("weight_decay", 0.0), foreach=True)
+                             weight_decay=config.get("weight_decay", 0.0), fused=True)
 
 
 def _loop(config: dict[str, Any], rank: int, world: int, batches, device, step_fn) -> None:
@@ -118,29 +118,26 @@ def train_deepspeed(config: dict[str, Any]) -> None:
 
 
 def train_fsdp(config: dict[str, Any]) -> None:
-    import functools
-
     import torch
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     rank, world, device, batches, dtype = _setup(config)
     model = _load_model(config)
-    layer_classes = {type(m) for m in model.modules()
-                     if type(m).__name__ in set(model._no_split_modules or [])}
-    mixed = (MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-             if config["precision"] == "bf16" else None)
-    model = FSDP(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
-                 auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
-                                                    transformer_layer_cls=layer_classes),
-                 mixed_precision=mixed, device_id=device, use_orig_params=True)
+    # FSDP2 as its documentation shows it: each decoder layer, then the root.
+    mesh = init_device_mesh(device.type, (world,))
+    mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+             if config["precision"] == "bf16" else MixedPrecisionPolicy())
+    for m in model.modules():
+        if type(m).__name__ in set(model._no_split_modules or []):
+            fully_shard(m, mesh=mesh, mp_policy=mixed)
+    fully_shard(model, mesh=mesh, mp_policy=mixed)
     optimizer = _optimizer(model.parameters(), config)
 
     def step(input_ids):
         out = model(input_ids=input_ids, labels=input_ids)
         out.loss.backward()
-        model.clip_grad_norm_(1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -7,7 +7,8 @@ functions is wrapped so that it prints `{"bench": "<mark>", "time": <epoch s>, "
 and after the call; Ray forwards worker stdout to the driver log, where the benchmark reads the
 marks beside the trainer's own `started`/`progress` events. With BENCH_MEMORY=1 (lora_vs_full) it
 also prints the prepared model's trainable parameters and, when training ends, each rank's
-optimizer-state bytes and peak RSS. Without BENCH_TIMING or BENCH_MEMORY nothing happens.
+optimizer-state bytes and peak RSS (and, for model_memory, the peak RSS when setup ends and after
+the final model). Without BENCH_TIMING or BENCH_MEMORY nothing happens.
 """
 from __future__ import annotations
 
@@ -74,20 +75,37 @@ if os.environ.get("BENCH_TIMING") == "1" or os.environ.get("BENCH_MEMORY") == "1
         return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                    if torch.is_tensor(t))
 
+    def _cuda_peak_bytes():
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return None
+        return torch.cuda.max_memory_allocated()
+
     def _peak_rss_kb() -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
     def patch_trainer(cls):
-        """train_loop.Trainer: each rank's optimizer-state bytes and peak RSS when training ends."""
-        finish = cls.finish
+        """train_loop.Trainer: each rank's optimizer-state bytes and peak RSS when training ends
+        (lora_vs_full); its peak RSS when setup ends (the load phase) and after the final model
+        (the run phase), and the file the trainer was imported from (model_memory)."""
+        setup, finish = cls.setup, cls.finish
+
+        @functools.wraps(setup)
+        def setup_wrapper(self, *args, **kwargs):
+            out = setup(self, *args, **kwargs)
+            record("rss", phase="load", rank=self.rank, peak_rss_kb=_peak_rss_kb(), cuda_peak_bytes=_cuda_peak_bytes())
+            record("code", rank=self.rank, file=sys.modules[cls.__module__].__file__)
+            return out
 
         @functools.wraps(finish)
         def wrapper(self, *args, **kwargs):
             record("memory", rank=self.rank, optimizer_state_bytes=_optimizer_state_bytes(self.strategy),
                    peak_rss_kb=_peak_rss_kb())
-            return finish(self, *args, **kwargs)
-        cls.finish = wrapper
+            out = finish(self, *args, **kwargs)
+            record("rss", phase="run", rank=self.rank, peak_rss_kb=_peak_rss_kb(), cuda_peak_bytes=_cuda_peak_bytes())
+            return out
+        cls.setup, cls.finish = setup_wrapper, wrapper
         return cls
 
     if os.environ.get("BENCH_MEMORY") == "1":

@@ -59,7 +59,7 @@ def _complete(name: str) -> type:
         raise AssertionError("not called")
 
     body = {m: method for m in ("prepare", "forward", "forward_backward", "learning_rate", "save_checkpoint",
-                                "load_checkpoint", "final_state_dict")}
+                                "load_checkpoint", "final_shapes", "full_tensors")}
     body["hf_model"] = property(method)
     return type(f"Strategy_{name}", (strategies.Strategy,), {"name": name, **body})
 

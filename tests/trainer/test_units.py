@@ -126,6 +126,26 @@ def test_ds_config_precision_and_stage():
     assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
 
 
+def test_ds_buckets_follow_the_model_and_the_raw_config_still_wins():
+    import torch
+
+    from finetune_trainer.strategy_deepspeed import MIN_BUCKET, weights_dtype
+
+    job = job_with(strategy={"type": "deepspeed", "deepspeed": {"stage": 3, "config": {
+        "zero_optimization": {"stage3_max_reuse_distance": 7}}}}, training={"precision": "bf16"})
+    zero = build_ds_config(job.spec.training, job.spec.strategy.deepspeed, hidden_size=4096)["zero_optimization"]
+    # transformers' "auto" sizes for a 4096-wide model, not DeepSpeed's fixed 5e8 elements
+    assert zero["reduce_bucket_size"] == 4096 ** 2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 ** 2)
+    assert zero["stage3_param_persistence_threshold"] == 40960 and zero["stage3_max_reuse_distance"] == 7
+    small = build_ds_config(job.spec.training, job.spec.strategy.deepspeed, hidden_size=64)["zero_optimization"]
+    assert small["reduce_bucket_size"] == MIN_BUCKET
+    stage2 = job_with(strategy={"type": "deepspeed", "deepspeed": {"stage": 2}}, training={"precision": "fp32"})
+    zero2 = build_ds_config(stage2.spec.training, stage2.spec.strategy.deepspeed, hidden_size=4096)["zero_optimization"]
+    assert zero2["allgather_bucket_size"] == 4096 ** 2 and "stage3_prefetch_bucket_size" not in zero2
+    # DeepSpeed's module is in the math's dtype; its optimizer keeps the fp32 master partitions.
+    assert (weights_dtype("bf16"), weights_dtype("fp32")) == (torch.bfloat16, torch.float32)
+
+
 # --- URIs -> filesystems ---------------------------------------------------------------
 
 def test_file_uris(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ the adapter in PEFT's layout and, with `merge`, the base model with the adapter 
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 
@@ -60,16 +59,37 @@ def apply_adapter(prep) -> None:
     # get_peft_model records the local path it was loaded from (a node's cache directory);
     # the saved adapter should name the model the job names.
     prep.model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model_name(prep.job)
+    initialise_meta_adapter(prep.model)
+
+
+def initialise_meta_adapter(peft_model) -> None:
+    """On a base built on the meta device (FSDP loads each rank's shards after sharding) PEFT puts
+    its new layers on the meta device too, and they are in no file: they get their real initial
+    values here, on the CPU, with PEFT's own initialisation, before the model is sharded. Every
+    rank draws the same values (the same seed), as each keeps only its shard of them."""
+    from peft.tuners.lora import LoraLayer
+
+    init = peft_model.peft_config[ADAPTER_NAME].init_lora_weights
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+            continue
+        layers = (module.lora_A[ADAPTER_NAME], module.lora_B[ADAPTER_NAME])
+        if not any(p.is_meta for layer in layers for p in layer.parameters()):
+            continue
+        for layer in layers:
+            layer.to_empty(device="cpu")
+        module.reset_lora_parameters(ADAPTER_NAME, init)
 
 
 def adapter_state_dict(peft_model, full_state_dict: dict) -> dict:
-    """The adapter's tensors out of the whole model's state dict, under PEFT's saved names."""
+    """The adapter's tensors out of a state dict (the whole model's, or the adapter's own), under
+    PEFT's saved names."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(peft_model, state_dict=full_state_dict, adapter_name=ADAPTER_NAME)
 
 
-def write_adapter_outputs(job, peft_model, full_state_dict: dict, tokenizer, model_path: str, settings) -> None:
+def write_adapter_outputs(job, peft_model, adapter_tensors: dict, tokenizer, model_path: str, settings) -> None:
     """Rank 0: the adapter (adapter_config.json, adapter_model.safetensors and the tokenizer) to
     job.adapter_uri; with merge, the merged full model to job.final_model_uri."""
     from .storage import is_write_failure, resolve, upload_dir, write_failure
@@ -77,9 +97,9 @@ def write_adapter_outputs(job, peft_model, full_state_dict: dict, tokenizer, mod
     with tempfile.TemporaryDirectory(prefix="finetune-adapter-") as tmp:
         adapter_dir = os.path.join(tmp, "adapter")
         try:
-            # With the gathered state dict: under ZeRO-3 and FSDP the module's own parameters are
+            # With the gathered tensors: under ZeRO-3 and FSDP the module's own parameters are
             # this rank's shards.
-            save_adapter(peft_model, full_state_dict, adapter_dir)
+            save_adapter(peft_model, adapter_tensors, adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
         except Exception as exc:
             if not is_write_failure(exc, tmp):
@@ -97,25 +117,12 @@ def write_adapter_outputs(job, peft_model, full_state_dict: dict, tokenizer, mod
             upload_dir(merged_dir, resolve(job.final_model_uri, settings))
 
 
-def save_adapter(peft_model, full_state_dict: dict, adapter_dir: str) -> None:
-    """The adapter in PEFT's layout, from the gathered state dict. PEFT picks its weights by the
-    names of its modules; FSDP1's auto-wrap puts wrapper modules among them, so under FSDP that
-    finds none: then the weights are picked by the (clean) keys of the gathered state dict,
-    named as PEFT names them (the adapter's name dropped), beside PEFT's own config file."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    if get_peft_model_state_dict(peft_model, state_dict=full_state_dict, adapter_name=ADAPTER_NAME):
-        peft_model.save_pretrained(adapter_dir, state_dict=full_state_dict, selected_adapters=[ADAPTER_NAME])
-        return
-    marker = f".{ADAPTER_NAME}."
-    weights = {k.replace(marker, "."): v.detach().contiguous() for k, v in full_state_dict.items()
-               if ".lora_" in k and marker in k}
-    os.makedirs(adapter_dir, exist_ok=True)
-    save_file(weights, os.path.join(adapter_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(peft_model.peft_config[ADAPTER_NAME])
-    config.inference_mode = True
-    config.save_pretrained(adapter_dir)
+def save_adapter(peft_model, adapter_tensors: dict, adapter_dir: str) -> None:
+    """The adapter in PEFT's layout, from its gathered tensors (named as in the PEFT model's state
+    dict: FSDP2 and ZeRO leave the names alone)."""
+    if not adapter_state_dict(peft_model, adapter_tensors):
+        raise RuntimeError("the gathered tensors hold no adapter weights")
+    peft_model.save_pretrained(adapter_dir, state_dict=adapter_tensors, selected_adapters=[ADAPTER_NAME])
 
 
 def write_merged_model(job, model_path: str, adapter_dir: str, tokenizer, out_dir: str) -> None:

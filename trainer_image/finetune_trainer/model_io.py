@@ -1,4 +1,4 @@
-"""Where the base model comes from and where the final model goes.
+"""Where the base model comes from (final_model.py writes where the trained one goes).
 
 hf://ORG/NAME is read with the real Hub client (revision, HF_TOKEN from the env).
 s3://BUCKET/PREFIX is downloaded in parallel into a per-node cache, once per node: the workers
@@ -145,20 +145,3 @@ def _bad_local_model(what: str, path: str, exc: BaseException) -> None:
         from .storage import describe
 
         raise BadInputError(f"cannot load the {what} from {path}: {describe(exc)}") from None
-
-
-def write_final_model(model, state_dict: dict, tokenizer, dest: Location) -> None:
-    """Save a consolidated HF model (safetensors, config, tokenizer) and upload it to dest."""
-    from .storage import is_write_failure, write_failure
-
-    with tempfile.TemporaryDirectory(prefix="finetune-final-") as tmp:
-        try:
-            model.save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-        except Exception as exc:
-            if not is_write_failure(exc, tmp):
-                raise
-            raise write_failure("the final model", tmp, exc) from None
-        from .storage import upload_dir
-
-        upload_dir(tmp, dest)

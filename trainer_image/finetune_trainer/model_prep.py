@@ -4,6 +4,12 @@ Every strategy calls `prepare_model` before it shards or wraps the model, so ZeR
 the same prepared model. The steps run in the order of STEPS; each takes the `ModelPrep` and
 changes it in place. Adding a step (adapters, loading on the meta device) is one function and
 one line in STEPS (`adapter` is one: adapters.apply_adapter).
+
+How the `load` step builds the model is the strategy's: by default from_pretrained, every weight
+in this process (`model_io.load_model`); FSDP passes `shard_load.empty_model` (parameters on the
+meta device, each rank fills its own shards after sharding) and ZeRO-3 a build under
+`deepspeed.zero.Init` that reads each rank's partitions, so the steps after `load` run on a model
+no process holds whole.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import torch
 
 from . import adapters, model_io
 
-# spec.training.precision -> the dtype the weights are loaded and kept in. Mixed precision keeps
-# fp32 master weights: the strategy casts for the math (DeepSpeed's bf16/fp16 engine, FSDP's
-# MixedPrecision with COMPUTE_DTYPE) and the optimizer updates the fp32 copy.
+# spec.training.precision -> the dtype the weights are loaded and kept in, unless the strategy
+# says otherwise. Mixed precision keeps fp32 master weights: FSDP casts for the math
+# (MixedPrecisionPolicy with COMPUTE_DTYPE) and the optimizer updates the fp32 shards. DeepSpeed
+# keeps the module in the math's dtype and its own fp32 master copy of each rank's partition, so
+# it loads in COMPUTE_DTYPE (strategy_deepspeed.weights_dtype).
 WEIGHTS_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32}
 # spec.training.precision -> the dtype of the forward and backward math; None: the weights'.
 COMPUTE_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,7 +37,9 @@ class ModelPrep:
 
     job: Any  # finetune_api.model.FineTuneJob
     path: str  # a local directory or Hub repo id that from_pretrained reads
-    dtype: torch.dtype | None = None  # set by the `precision` step
+    dtype: torch.dtype | None = None  # the strategy's, or set by the `precision` step
+    # (path, revision, dtype) -> the model; None: model_io.load_model (every weight, here)
+    build: Callable[[str, str | None, torch.dtype], Any] | None = None
     model: Any = None  # the Hugging Face model, set by the `load` step
     # Parameters that get no weight decay (biases, norm weights: 1-D), named before any wrapper
     # flattens them and their shapes no longer tell.
@@ -41,7 +51,8 @@ class ModelPrep:
 
 
 def set_precision(prep: ModelPrep) -> None:
-    prep.dtype = WEIGHTS_DTYPE[prep.training.precision]
+    if prep.dtype is None:
+        prep.dtype = WEIGHTS_DTYPE[prep.training.precision]
 
 
 def load(prep: ModelPrep) -> None:
@@ -52,6 +63,9 @@ def load(prep: ModelPrep) -> None:
         # allows qlora only with GPUs).
         extra = {"quantization_config": adapters.quantization_config(COMPUTE_DTYPE[prep.training.precision]),
                  "device_map": {"": torch.cuda.current_device()}}
+    if prep.build is not None and not extra:
+        prep.model = prep.build(prep.path, prep.job.spec.model.revision, prep.dtype)
+        return
     # Through the module attribute, so a wrapper put on model_io.load_model (bench/_hooks) sees it.
     prep.model = model_io.load_model(prep.path, prep.job.spec.model.revision, prep.dtype, **extra)
 
@@ -86,10 +100,10 @@ STEPS: tuple[tuple[str, Callable[[ModelPrep], None]], ...] = (
 )
 
 
-def prepare_model(job, path: str) -> ModelPrep:
+def prepare_model(job, path: str, *, dtype: torch.dtype | None = None, build=None) -> ModelPrep:
     """Run every step of STEPS on the job's base model at `path`; the result's `model` is ready
-    for the strategy to shard or wrap."""
-    prep = ModelPrep(job=job, path=path)
+    for the strategy to shard or wrap. `dtype` and `build`: the strategy's (ModelPrep)."""
+    prep = ModelPrep(job=job, path=path, dtype=dtype, build=build)
     for _name, step in STEPS:
         step(prep)
     return prep

@@ -12,7 +12,7 @@ The life of a strategy, as the training loop drives it:
   strategy.grad_norm()                              # the last step's, for the metrics
   loss_sum, tokens = strategy.eval_sums(batch)     # collective: the evaluation forward
   strategy.save_checkpoint(dir, tag) / load_checkpoint(dir, tag)   # this rank's shard
-  strategy.final_state_dict()                     # collective: the whole model on rank 0
+  strategy.final_shapes() / full_tensors()        # the final model, a tensor at a time on rank 0
 """
 
 from __future__ import annotations
@@ -97,8 +97,17 @@ class Strategy(ABC):
         """Collective. The inverse of `save_checkpoint`, from a directory holding every rank's part."""
 
     @abstractmethod
-    def final_state_dict(self) -> dict | None:
-        """Collective. The whole model's state dict on rank 0, None on the other ranks."""
+    def final_shapes(self, trainable_only: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor of the final model (of its trainable parameters only with
+        `trainable_only`: an adapter), named as in `hf_model`'s state dict, tied weights once, in
+        the order `full_tensors` yields them; the same on every rank. Not collective."""
+
+    @abstractmethod
+    def full_tensors(self, trainable_only: bool = False):
+        """Collective (every rank runs the generator to its end). Yields (name, tensor) in
+        `final_shapes`' order, the tensor whole on rank 0 and None on the other ranks, one (or one
+        small group) at a time: the final model is written as it comes and is never whole in one
+        process's memory."""
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}

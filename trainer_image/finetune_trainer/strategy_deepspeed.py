@@ -1,4 +1,10 @@
-"""DeepSpeed ZeRO (stage 1/2/3, CPU offload) behind the trainer's Strategy interface (strategies.py)."""
+"""DeepSpeed ZeRO (stage 1/2/3, CPU offload) behind the trainer's Strategy interface (strategies.py).
+
+ZeRO-3 builds the model under `deepspeed.zero.Init`, which partitions every parameter as its
+module is constructed, and each rank then reads only its own partitions from the safetensors
+files (shard_load.fill_ranges): no process holds the whole model. ZeRO-1 and -2 keep whole
+weights on every rank by design and load them with from_pretrained, in the dtype of the math.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,15 @@ from typing import Any
 
 import torch
 
-from .model_prep import prepare_model
+from . import shard_load
+from .model_prep import COMPUTE_DTYPE, WEIGHTS_DTYPE, prepare_model
 from .schedule import make_optimizer, make_scheduler
 from .strategies import Strategy, register
+
+# ZeRO-3's final-model gather: parameters gathered together up to this many bytes (a bigger one
+# alone), so the collectives are few and the gathered part stays small.
+GATHER_BYTES = 64 << 20
+MIN_BUCKET = 1 << 23  # elements: 32 MiB in fp32
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -23,9 +35,31 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def build_ds_config(training, deepspeed_spec) -> dict[str, Any]:
-    """The DeepSpeed config derived from the spec, with strategy.deepspeed.config merged LAST."""
+def bucket_sizes(stage: int, hidden_size: int) -> dict[str, int]:
+    """Communication buckets sized to the model, as transformers' DeepSpeed integration sizes
+    them for "auto" (hidden²: a layer's worth), instead of DeepSpeed's fixed 5e8 elements: a
+    reduce bucket is allocated whole, 2 GB in fp32 at the default, more than a 200M-parameter
+    model's gradients. ZeRO-3 also releases a gathered parameter once its layer has run
+    (reuse distance and live parameters a few layers' worth, not 1e9: at the default every
+    parameter of a model below 1B stays gathered from forward to backward)."""
+    # At least MIN_BUCKET: every bucket is one collective, and below a few million elements
+    # their fixed cost (gloo on CPU: milliseconds each) slows the step more than it saves.
+    layer = max(hidden_size * hidden_size, MIN_BUCKET)
+    out = {"reduce_bucket_size": layer}
+    if stage in (1, 2):
+        out["allgather_bucket_size"] = layer
+    if stage == 3:
+        out.update(stage3_prefetch_bucket_size=int(0.9 * layer), stage3_param_persistence_threshold=10 * hidden_size,
+                   stage3_max_live_parameters=4 * layer, stage3_max_reuse_distance=4 * layer)
+    return out
+
+
+def build_ds_config(training, deepspeed_spec, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config derived from the spec (bucket sizes from the model's hidden size when
+    given), with strategy.deepspeed.config merged LAST."""
     zero: dict[str, Any] = {"stage": deepspeed_spec.stage}
+    if hidden_size:
+        zero.update(bucket_sizes(deepspeed_spec.stage, hidden_size))
     if deepspeed_spec.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if deepspeed_spec.offload_param == "cpu":
@@ -42,7 +76,7 @@ def build_ds_config(training, deepspeed_spec) -> dict[str, Any]:
         "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # We hand DeepSpeed a torch AdamW: it avoids JIT-compiling FusedAdam (needs nvcc) or
         # DeepSpeedCPUAdam (a C++ build of ~60 s in every fresh pod). With optimizer offload
-        # DeepSpeed insists on DeepSpeedCPUAdam unless told otherwise; torch's foreach AdamW
+        # DeepSpeed insists on DeepSpeedCPUAdam unless told otherwise; torch's fused AdamW
         # runs the same math on the offloaded fp32 states, a little slower per step but with
         # no compiler in the image and no first-step stall. A power user who prefers
         # DeepSpeed's own optimizer sets "optimizer" in strategy.deepspeed.config.
@@ -55,6 +89,13 @@ def build_ds_config(training, deepspeed_spec) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return deep_merge(config, deepspeed_spec.config or {})
+
+
+def weights_dtype(precision: str):
+    """DeepSpeed keeps the module in the math's dtype (its bf16/fp16 engine casts it) and an fp32
+    master copy of each rank's partition in the optimizer: the weights load in that dtype, not as
+    an fp32 copy that is cast afterwards."""
+    return COMPUTE_DTYPE[precision] or WEIGHTS_DTYPE[precision]
 
 
 @register
@@ -70,13 +111,14 @@ class DeepSpeedStrategy(Strategy):
 
     def prepare(self, model_path: str, total_steps: int) -> None:
         import deepspeed
+        from transformers import AutoConfig
 
         training = self.training
-        # Each rank loads the full model into CPU memory, then deepspeed.initialize partitions
-        # it (ZeRO-3 keeps 1/world of it). Loading straight into partitions needs
-        # transformers' HfDeepSpeedConfig, which requires the `accelerate` package; we do not
-        # ship it, so a model must fit in a node's CPU memory once per local rank.
-        prep = prepare_model(self.job, model_path)
+        hidden = getattr(AutoConfig.from_pretrained(model_path, revision=self.job.spec.model.revision or None),
+                         "hidden_size", None)
+        self.config = build_ds_config(training, self.job.spec.strategy.deepspeed, hidden)
+        build = self._build_partitioned if self.stage == 3 else None
+        prep = prepare_model(self.job, model_path, dtype=weights_dtype(training.precision), build=build)
         model = prep.model
         optimizer = scheduler = None
         # Frozen parameters (an adapter's base model) get no optimizer state and stay out of
@@ -93,6 +135,28 @@ class DeepSpeedStrategy(Strategy):
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=self.config,
                                                     model_parameters=None if optimizer else trainable)
+
+    def _build_partitioned(self, model_dir: str, revision: str | None, dtype):
+        """ZeRO-3: the model built under zero.Init (each parameter partitioned as soon as its module
+        exists, without random init), then each rank's partitions read from the files."""
+        import deepspeed
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        config = AutoConfig.from_pretrained(model_dir, revision=revision or None)
+        # dtype=None: zero.Init takes it from the config's bf16/fp16 flags (fp32 without). An
+        # explicit dtype is dropped by DeepSpeed 0.19.8 on an accelerator without fp16 (the CPU):
+        # `dtype or fp16 if fp16_supported else bf16...` binds as `(dtype or fp16) if ... else`,
+        # so fp32 training would get bf16 partitions.
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.config, dtype=None):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        rank = torch.distributed.get_rank()
+        targets = []
+        for name, p in model.named_parameters():
+            part = p.ds_tensor
+            targets.append((name, part, part.ds_numel * rank))
+        shard_load.fill_ranges(targets, model, model_dir)
+        return model
 
     @property
     def hf_model(self):
@@ -129,11 +193,44 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {directory}")
 
-    def final_state_dict(self) -> dict | None:
-        """Collective. The whole model on rank 0 (in the training precision: bf16 under bf16,
-        fp32 under fp32), None elsewhere."""
-        if self.stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        if torch.distributed.get_rank() != 0:
-            return None
-        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+    def _final_tensors(self, trainable_only: bool):
+        """(name, tensor) of the final model in state-dict order: parameters (tied ones once) and
+        persistent buffers; a ZeRO-3 parameter is its partitioned stand-in."""
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        out = []
+        for name in module.state_dict(keep_vars=True):
+            t = params.get(name)
+            if t is None and not trainable_only:
+                t = buffers.get(name)
+            if t is None or (trainable_only and not t.requires_grad):
+                continue
+            out.append((name, t))
+        return out
+
+    def final_shapes(self, trainable_only: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(getattr(t, "ds_shape", t.shape))) for n, t in self._final_tensors(trainable_only)]
+
+    def full_tensors(self, trainable_only: bool = False):
+        """Collective. In the training precision (bf16 under bf16, fp32 under fp32): the module's
+        weights. ZeRO-3 gathers parameters in groups of up to GATHER_BYTES."""
+        rank0 = torch.distributed.get_rank() == 0
+        tensors = self._final_tensors(trainable_only)
+        if self.stage != 3:
+            for name, t in tensors:
+                yield name, (t.detach().cpu() if rank0 else None)
+            return
+        import deepspeed
+
+        group, size = [], 0
+        for i, (name, t) in enumerate(tensors):
+            group.append((name, t))
+            size += t.ds_numel * t.element_size() if hasattr(t, "ds_numel") else 0
+            if size < GATHER_BYTES and i + 1 < len(tensors):
+                continue
+            params = [p for _, p in group if hasattr(p, "ds_id")]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for n, p in group:
+                    yield n, (p.detach().to("cpu", copy=True) if rank0 else None)
+            group, size = [], 0

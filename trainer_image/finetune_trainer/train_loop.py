@@ -346,19 +346,21 @@ class Trainer:
         import ray.train
 
         from .adapters import write_adapter_outputs
-        from .model_io import write_final_model
+        from .final_model import write_final_model
         from .storage import resolve
 
         if self.announcer is not None:
             self.announcer.flush(FINAL_UPLOADS_TIMEOUT_S)  # ASYNC uploads still running
-        full = self.strategy.final_state_dict()  # the gather is collective
-        if self.rank == 0:
-            if self.spec.adapter is not None:
-                write_adapter_outputs(self.job, self.strategy.hf_model, full, self.tokenizer, self.model_path,
+        # The gathers are collective: every rank runs them, rank 0 writes.
+        if self.spec.adapter is not None:
+            adapter = dict(self.strategy.full_tensors(trainable_only=True))  # the adapter alone: small
+            if self.rank == 0:
+                write_adapter_outputs(self.job, self.strategy.hf_model, adapter, self.tokenizer, self.model_path,
                                       self.settings)
-            else:
-                write_final_model(self.strategy.hf_model, full, self.tokenizer,
-                                  resolve(self.job.final_model_uri, self.settings))
+        else:
+            write_final_model(self.strategy, self.tokenizer, self.model_path, self.spec.model.revision,
+                              resolve(self.job.final_model_uri, self.settings), self.rank)
+        if self.rank == 0:
             outputs = self.job.outputs
             self.close_metrics(model_uri=outputs.get("modelUri") or outputs.get("adapterUri"))
         dist.barrier()
