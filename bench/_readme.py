@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
-ORDER = ["operator_scale", "trainer_overhead", "checkpoint_io", "lora_vs_full",
+ORDER = ["operator_scale", "operator_scale_real", "trainer_overhead", "checkpoint_io", "lora_vs_full",
          "gpu_throughput", "gpu_throughput_smoke", "gpu_qlora"]
 
 

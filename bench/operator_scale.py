@@ -147,6 +147,7 @@ class Watcher:
         self.cluster_added: dict[str, float] = {}
         self.tasks: list[asyncio.Task] = []
         self.errors: list[str] = []
+        self.reconnects = 0
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -157,22 +158,41 @@ class Watcher:
             self.tasks.append(asyncio.create_task(self._watch(path, rv, handler)))
 
     async def _watch(self, path: str, rv: str, handler) -> None:
-        params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}
-        try:
-            async with self.session.get(path, params=params,
-                                        timeout=aiohttp.ClientTimeout(total=None)) as resp:
-                async for line in resp.content:
-                    now = time.monotonic()
-                    event = json.loads(line)
-                    if event["type"] == "ERROR":
-                        self.errors.append(str(event["object"]))
-                        return
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        handler(event["type"], event["object"], now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a broken watch is a bench failure; say it
-            self.errors.append(f"{type(exc).__name__}: {exc}")
+        """Events from `rv` on, resumed where they stopped when the server ends the watch (a
+        real API server closes a watcher that falls behind a burst, and every watch after a
+        timeout); relisted after 410 Gone. Each resumption is noted in `reconnects`."""
+        while True:
+            params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}
+            try:
+                async with self.session.get(path, params=params,
+                                            timeout=aiohttp.ClientTimeout(total=None)) as resp:
+                    async for line in resp.content:
+                        now = time.monotonic()
+                        event = json.loads(line)
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            if obj.get("code") != 410:
+                                self.errors.append(str(obj))
+                                return
+                            rv = await self._relist(path, handler)
+                            break
+                        rv = obj["metadata"].get("resourceVersion") or rv
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            handler(event["type"], obj, now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken watch is a bench failure; say it
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            self.reconnects += 1
+
+    async def _relist(self, path: str, handler) -> str:
+        async with self.session.get(path) as resp:
+            body = await resp.json()
+        now = time.monotonic()
+        for obj in body.get("items") or []:
+            handler("ADDED", obj, now)
+        return body["metadata"]["resourceVersion"]
 
     def _on_job(self, kind: str, obj: dict, now: float) -> None:
         name = obj["metadata"]["name"]
@@ -275,6 +295,20 @@ async def create_burst(session: aiohttp.ClientSession, ns: str, n: int,
     if failures:
         raise RuntimeError(f"{len(failures)} creates failed, e.g. {failures[0]}")
     return t0, t_created
+
+
+async def wait_until(watcher: Watcher, op: Child, deadline: float,
+                     done: Callable[[], bool]) -> None:
+    """Until `done()` (checked at each change the watcher sees) or the deadline; an operator
+    that exits meanwhile fails the run."""
+    while time.monotonic() < deadline and not done():
+        if op.proc.poll() is not None:
+            raise RuntimeError(f"the operator exited; see {op.log_path}")
+        watcher.changed.clear()
+        try:
+            await asyncio.wait_for(watcher.changed.wait(), 1.0)
+        except TimeoutError:
+            pass
 
 
 def job_name(i: int) -> str:
@@ -407,17 +441,8 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
             # Long enough for the floor many times over; capped so a slow operator at 3,000 jobs
             # reports how far it got (clusters/running counts) instead of holding the run.
             timeout = args.timeout or min(240.0, 60 + 0.15 * n)
-            deadline = t0 + timeout
-            while time.monotonic() < deadline:
-                if len(watcher.cluster_added) >= n and len(watcher.job_running) >= n:
-                    break
-                if op.proc.poll() is not None:
-                    raise RuntimeError(f"the operator exited; see {op.log_path}")
-                watcher.changed.clear()
-                try:
-                    await asyncio.wait_for(watcher.changed.wait(), 1.0)
-                except TimeoutError:
-                    pass
+            await wait_until(watcher, op, t0 + timeout,
+                             lambda: len(watcher.cluster_added) >= n and len(watcher.job_running) >= n)
             t_end = time.monotonic()
             # What the operator still does for the burst once the last job is Running (its
             # Events, posted in the background) is counted too: requests and CPU are read
@@ -455,7 +480,7 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
                 "cpu_ms_per_job": (cpu1 - cpu0) * 1000 / n,
                 "emulator_cpu_ms_per_job": (emu_cpu1 - emu_cpu0) * 1000 / n,
                 "peak_rss_mb": hwm_kb / 1024 if hwm_kb else None,
-                "watch_errors": watcher.errors,
+                "watch_errors": watcher.errors, "watch_reconnects": watcher.reconnects,
                 "operator_log": str(op.log_path),
             }
 

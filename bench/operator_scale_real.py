@@ -114,17 +114,8 @@ async def run_one(which: str, n: int, args: argparse.Namespace, bed: RealStack, 
         # KubeRay makes every cluster's pods at its own pace (one reconcile worker, 100 QPS):
         # well behind the clusters at 1,000 jobs.
         timeout = args.timeout or min(900.0, 120 + 0.5 * n)
-        deadline = t0 + timeout
-        while time.monotonic() < deadline:
-            if len(watcher.cluster_added) >= n and len(watcher.pod_bound) >= pods_expected:
-                break
-            if op.proc.poll() is not None:
-                raise RuntimeError(f"the operator exited; see {op.log_path}")
-            watcher.changed.clear()
-            try:
-                await asyncio.wait_for(watcher.changed.wait(), 1.0)
-            except TimeoutError:
-                pass
+        await base.wait_until(watcher, op, t0 + timeout, lambda: len(watcher.cluster_added) >= n
+                              and len(watcher.pod_bound) >= pods_expected)
         t_end = time.monotonic()
         # The operator's reactions to KubeRay's last status updates are counted too.
         rec1 = await base.writes_settled(snapshot, which, quiet=2.0)
@@ -162,7 +153,7 @@ async def run_one(which: str, n: int, args: argparse.Namespace, bed: RealStack, 
             "component_cpu_s": {k: comp1[k] - comp0[k] for k in comp0},
             "span_s": time.monotonic() - t0,
             "peak_rss_mb": hwm_kb / 1024 if hwm_kb else None,
-            "watch_errors": watcher.errors,
+            "watch_errors": watcher.errors, "watch_reconnects": watcher.reconnects,
             "operator_log": str(op.log_path),
         }
         base.write_timeline(workdir / f"timeline-{ns}.json", t0, names,
@@ -174,8 +165,10 @@ async def run_one(which: str, n: int, args: argparse.Namespace, bed: RealStack, 
             await asyncio.sleep(args.settle)
             rec_a = await snapshot()
             c_a, w_a = proc_cpu_seconds(op.pid), time.monotonic()
+            api_a = proc_cpu_seconds(pids["kube-apiserver"])
             await asyncio.sleep(args.track_seconds)
             c_b, w_b = proc_cpu_seconds(op.pid), time.monotonic()
+            api_b = proc_cpu_seconds(pids["kube-apiserver"])
             rec_b = await snapshot()
             minutes = (w_b - w_a) / 60
             tcalls = base.calls_by_verb(rec_a, rec_b, which)
@@ -183,6 +176,9 @@ async def run_one(which: str, n: int, args: argparse.Namespace, bed: RealStack, 
                 "jobs_provisioning": n, "seconds": w_b - w_a,
                 "cpu_ms_per_minute": (c_b - c_a) * 1000 / minutes,
                 "core_pct": (c_b - c_a) / (w_b - w_a) * 100,
+                # The whole API server's (both operators' requests and the rest of the control
+                # plane's), for the weight of the operator's reads there.
+                "apiserver_core_pct": (api_b - api_a) / (w_b - w_a) * 100,
                 "reads_per_job_per_minute": sum(tcalls.get(v, 0) for v in ("get", "list")) / n / minutes,
                 "writes_per_job_per_minute": sum(tcalls.get(v, 0) for v in WRITE_VERBS) / n / minutes,
                 "kube_calls_per_job_per_minute": {k: v / n / minutes for k, v in tcalls.items()},
@@ -226,6 +222,7 @@ def report(sizes: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                     ("seconds sampled", w["seconds"]),
                     ("CPU ms / minute", w["cpu_ms_per_minute"]),
                     ("% of one core", w["core_pct"]),
+                    ("kube-apiserver, % of one core", w["apiserver_core_pct"]),
                     ("API reads / job / min", w["reads_per_job_per_minute"]),
                     ("API writes / job / min", w["writes_per_job_per_minute"]),
                     *((f"{k} /job/min", v) for k, v in w["kube_calls_per_job_per_minute"].items()
