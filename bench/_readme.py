@@ -12,8 +12,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
-ORDER = ["operator_scale", "trainer_overhead", "checkpoint_io", "lora_vs_full", "model_memory",
-         "gpu_throughput", "gpu_throughput_smoke", "gpu_qlora"]
+ORDER = ["operator_scale", "operator_scale_real", "trainer_overhead", "checkpoint_io", "lora_vs_full",
+         "model_memory", "gpu_throughput", "gpu_throughput_smoke", "gpu_qlora"]
 
 
 def block(doc: dict) -> str:

@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -147,6 +147,7 @@ class Watcher:
         self.cluster_added: dict[str, float] = {}
         self.tasks: list[asyncio.Task] = []
         self.errors: list[str] = []
+        self.reconnects = 0
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -157,22 +158,41 @@ class Watcher:
             self.tasks.append(asyncio.create_task(self._watch(path, rv, handler)))
 
     async def _watch(self, path: str, rv: str, handler) -> None:
-        params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}
-        try:
-            async with self.session.get(path, params=params,
-                                        timeout=aiohttp.ClientTimeout(total=None)) as resp:
-                async for line in resp.content:
-                    now = time.monotonic()
-                    event = json.loads(line)
-                    if event["type"] == "ERROR":
-                        self.errors.append(str(event["object"]))
-                        return
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        handler(event["type"], event["object"], now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a broken watch is a bench failure; say it
-            self.errors.append(f"{type(exc).__name__}: {exc}")
+        """Events from `rv` on, resumed where they stopped when the server ends the watch (a
+        real API server closes a watcher that falls behind a burst, and every watch after a
+        timeout); relisted after 410 Gone. Each resumption is noted in `reconnects`."""
+        while True:
+            params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true"}
+            try:
+                async with self.session.get(path, params=params,
+                                            timeout=aiohttp.ClientTimeout(total=None)) as resp:
+                    async for line in resp.content:
+                        now = time.monotonic()
+                        event = json.loads(line)
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            if obj.get("code") != 410:
+                                self.errors.append(str(obj))
+                                return
+                            rv = await self._relist(path, handler)
+                            break
+                        rv = obj["metadata"].get("resourceVersion") or rv
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            handler(event["type"], obj, now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken watch is a bench failure; say it
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            self.reconnects += 1
+
+    async def _relist(self, path: str, handler) -> str:
+        async with self.session.get(path) as resp:
+            body = await resp.json()
+        now = time.monotonic()
+        for obj in body.get("items") or []:
+            handler("ADDED", obj, now)
+        return body["metadata"]["resourceVersion"]
 
     def _on_job(self, kind: str, obj: dict, now: float) -> None:
         name = obj["metadata"]["name"]
@@ -199,16 +219,17 @@ async def recorder(session: aiohttp.ClientSession) -> dict[str, list]:
         return await resp.json()
 
 
-async def writes_settled(session: aiohttp.ClientSession, identity: str, quiet: float = 1.0,
-                         limit: float = 30.0) -> dict[str, list]:
-    """The recorder once `identity` has made no write for `quiet` seconds (`limit` at most)."""
+async def writes_settled(snapshot: Callable[[], Awaitable[dict[str, list]]], identity: str,
+                         quiet: float = 1.0, limit: float = 30.0) -> dict[str, list]:
+    """The request counts (`snapshot()`: the emulator's recorder, or an audit log read the same
+    way) once `identity` has made no write for `quiet` seconds (`limit` at most)."""
     def writes(snap: dict[str, list]) -> int:
         return sum(row[5] for row in snap.get(identity, []) if row[0] in WRITE_VERBS)
     deadline = time.monotonic() + limit
-    snap = await recorder(session)
+    snap = await snapshot()
     while time.monotonic() < deadline:
         await asyncio.sleep(quiet)
-        again = await recorder(session)
+        again = await snapshot()
         if writes(again) == writes(snap):
             return again
         snap = again
@@ -238,6 +259,145 @@ async def fake_ray_stats(port: int) -> dict[str, Any]:
             return await resp.json()
 
 
+# --- shared by both control planes (the emulator here, the real one in operator_scale_real) -----
+
+def floor_argv(ns: str, live_port: int) -> list[str]:
+    # `python -m kopf`: the kopf of this interpreter (a worktree's venv may have no kopf script).
+    return [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", ns,
+            "--liveness", f"http://127.0.0.1:{live_port}/healthz",
+            str(REPO / "bench" / "_floor_operator.py")]
+
+
+def ours_argv(flags: list[str]) -> list[str]:
+    """`finetune operator FLAGS` of this interpreter's venv (VENV_BIN: a worktree's own)."""
+    if os.environ.get("BENCH_PROFILE"):
+        # Where the CPU goes (not for the reported figures: the profiler slows it down).
+        return [sys.executable, "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"],
+                "-m", "finetune_cli", "operator", *flags]
+    return [str(VENV_BIN / "finetune"), "operator", *flags]
+
+
+async def create_burst(session: aiohttp.ClientSession, ns: str, n: int,
+                       concurrency: int) -> tuple[float, float]:
+    """Every job created as fast as the API server takes them: (start, seconds taken)."""
+    sem = asyncio.Semaphore(concurrency)
+    failures: list[str] = []
+
+    async def create(i: int) -> None:
+        async with sem:
+            async with session.post(FTJ.format(ns=ns), json=job_manifest(job_name(i), ns)) as r:
+                if r.status != 201:
+                    failures.append(f"{r.status}: {(await r.text())[:200]}")
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(create(i) for i in range(n)))
+    t_created = time.monotonic() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} creates failed, e.g. {failures[0]}")
+    return t0, t_created
+
+
+async def wait_until(watcher: Watcher, op: Child, deadline: float,
+                     done: Callable[[], bool]) -> None:
+    """Until `done()` (checked at each change the watcher sees) or the deadline; an operator
+    that exits meanwhile fails the run."""
+    while time.monotonic() < deadline and not done():
+        if op.proc.poll() is not None:
+            raise RuntimeError(f"the operator exited; see {op.log_path}")
+        watcher.changed.clear()
+        try:
+            await asyncio.wait_for(watcher.changed.wait(), 1.0)
+        except TimeoutError:
+            pass
+
+
+def job_name(i: int) -> str:
+    return f"job-{i:05d}"
+
+
+def latencies(later: dict[str, float], added: dict[str, float], names: list[str]) -> list[float]:
+    return [later[j] - added[j] for j in names if j in later and j in added]
+
+
+def write_timeline(path: Path, t0: float, names: list[str], *marks: dict[str, float]) -> None:
+    """Per-job timeline (seconds after the burst began), for looking at the tail."""
+    path.write_text(json.dumps({name: [round(d[name] - t0, 4) if name in d else None
+                                       for d in marks] for name in names}))
+
+
+def alternate(n: int, args: argparse.Namespace,
+              run: Callable[[str, int], dict[str, Any]],
+              after: Callable[[dict[str, Any]], None],
+              done: str = "running") -> dict[str, list[dict[str, Any]]]:
+    """`run(which, round)` for each round, the operators in turn, `after(result)` between
+    them (the namespace's deletion); `done`: the result's count printed beside the clusters'
+    (`done` and `done_all_s`)."""
+    rounds: dict[str, list[dict[str, Any]]] = {which: [] for which in args.operators}
+    try:
+        for round_ in range(args.rounds):
+            # Floor and ours take turns, each round on the same control plane: the machine's
+            # noise of the moment hits both, and the ratio is taken within a round.
+            for which in args.operators:
+                print(f"  N={n} round {round_ + 1}/{args.rounds}: {which} ...", flush=True)
+                r = run(which, round_)
+                rounds[which].append(r)
+                print(f"  N={n} round {round_ + 1}/{args.rounds}: {which}: clusters "
+                      f"{r['clusters']}/{n} in {fmt(r['clusters_all_s'])} s, {done} {r[done]} in "
+                      f"{fmt(r[done + '_all_s'])} s", flush=True)
+                after(r)
+    except KeyboardInterrupt:
+        # Ctrl-C (a run that outlasts its time): report the rounds both operators finished.
+        complete = min(len(v) for v in rounds.values())
+        if not complete:
+            raise
+        print(f"  N={n}: interrupted; reporting the {complete} complete round(s)", flush=True)
+        args._interrupted = True
+        rounds = {which: runs[:complete] for which, runs in rounds.items()}
+    return rounds
+
+
+def summarize(rounds: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """Per operator the median of its rounds; the rounds' own ours/floor ratios."""
+    out: dict[str, Any] = {which: median_run(runs, rows) for which, runs in rounds.items()}
+    if "floor" in rounds and "ours" in rounds:
+        out["round_ratios"] = {key: [ratio(o.get(key), f.get(key))
+                                     for f, o in zip(rounds["floor"], rounds["ours"])]
+                               for _, key in rows}
+    return out
+
+
+def ratio_table(n: int, res: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
+    """The floor | ours | ours/floor table of one size, and the cluster time's round ratios."""
+    floor, ours = res.get("floor"), res.get("ours")
+    round_ratios = res.get("round_ratios") or {}
+    out = []
+    for label, key in rows:
+        f = floor.get(key) if floor else None
+        o = ours.get(key) if ours else None
+        # The median of the rounds' own ratios (each floor and ours minutes apart).
+        out.append((label, f, o, median(round_ratios[key]) if key in round_ratios else ratio(o, f)))
+    for who in ("floor", "ours"):
+        r = res.get(who)
+        if r and r.get("timed_out_after_s"):
+            out.append((f"{who}: TIMED OUT at", r["timed_out_after_s"],
+                        f"{r['clusters']} clusters", f"{r['running']} running"))
+    rounds = len((ours or floor or {}).get("rounds") or [None])
+    parts = [table((f"N={n}, median of {rounds}", "floor", "ours", "ours/floor"), out)]
+    if round_ratios.get("clusters_all_s") and rounds > 1:
+        parts.append("all RayClusters, ours/floor by round: " + ", ".join(
+            fmt(v) for v in round_ratios["clusters_all_s"]))
+    return parts
+
+
+def verb_table(n: int, res: dict[str, Any], title: str) -> str:
+    verbs = sorted({k for who in ("floor", "ours") if res.get(who)
+                    for k in res[who]["api_calls_to_running"]})
+    return table((title, "floor", "ours"),
+                 [(v, *((res[who]["api_calls_to_running"].get(v, 0) / n) if res.get(who) else None
+                        for who in ("floor", "ours")))
+                  for v in verbs])
+
+
 # --- one operator, one size ----------------------------------------------------------------------
 
 async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, tokens: dict[str, str],
@@ -254,9 +414,7 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
         live_port = free_port()
         env = {"KUBECONFIG": str(kubeconfig), "HOME": str(workdir)}
         if which == "floor":
-            argv = [str(VENV_BIN / "kopf"), "run", "--standalone", "--namespace", ns,
-                    "--liveness", f"http://127.0.0.1:{live_port}/healthz",
-                    str(REPO / "bench" / "_floor_operator.py")]
+            argv = floor_argv(ns, live_port)
             env.update(BENCH_KUBE_URL=emu_url, BENCH_KUBE_TOKEN=tokens[identity])
         else:
             # Default settings (reconcile interval, timeouts, logging) but ports for a shared host
@@ -266,11 +424,7 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
                 env["PYTHONPATH"] = os.pathsep.join((args.ours_pythonpath, str(REPO)))
             flags = ["--namespace", ns, "--liveness-port", str(live_port), "--metrics-port", "0",
                      "--dashboard-host", "127.0.0.1"]
-            argv = [str(VENV_BIN / "finetune"), "operator", *flags]
-            if os.environ.get("BENCH_PROFILE"):
-                # Where the CPU goes (not for the reported figures: the profiler slows it down).
-                argv = [sys.executable, "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"],
-                        "-m", "finetune_cli", "operator", *flags]
+            argv = ours_argv(flags)
         op = Child(argv, workdir / f"operator-{ns}.log", env, first_line=False)
         try:
             wait_http_ok(f"http://127.0.0.1:{live_port}/healthz", 60, op)
@@ -282,51 +436,26 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
             cpu0 = proc_cpu_seconds(op.pid)
             emu_cpu0 = proc_cpu_seconds(args._emu_pid)
 
-            # The burst: every job created as fast as the API server takes them.
-            sem = asyncio.Semaphore(args.create_concurrency)
-            failures: list[str] = []
-
-            async def create(i: int) -> None:
-                async with sem:
-                    async with admin.post(FTJ.format(ns=ns), json=job_manifest(f"job-{i:05d}", ns)) as r:
-                        if r.status != 201:
-                            failures.append(f"{r.status}: {(await r.text())[:200]}")
-
-            t0 = time.monotonic()
-            await asyncio.gather(*(create(i) for i in range(n)))
-            t_created = time.monotonic() - t0
-            if failures:
-                raise RuntimeError(f"{len(failures)} creates failed, e.g. {failures[0]}")
+            t0, t_created = await create_burst(admin, ns, n, args.create_concurrency)
 
             # Long enough for the floor many times over; capped so a slow operator at 3,000 jobs
             # reports how far it got (clusters/running counts) instead of holding the run.
             timeout = args.timeout or min(240.0, 60 + 0.15 * n)
-            deadline = t0 + timeout
-            while time.monotonic() < deadline:
-                if len(watcher.cluster_added) >= n and len(watcher.job_running) >= n:
-                    break
-                if op.proc.poll() is not None:
-                    raise RuntimeError(f"the operator exited; see {op.log_path}")
-                watcher.changed.clear()
-                try:
-                    await asyncio.wait_for(watcher.changed.wait(), 1.0)
-                except TimeoutError:
-                    pass
+            await wait_until(watcher, op, t0 + timeout,
+                             lambda: len(watcher.cluster_added) >= n and len(watcher.job_running) >= n)
             t_end = time.monotonic()
             # What the operator still does for the burst once the last job is Running (its
             # Events, posted in the background) is counted too: requests and CPU are read
             # when its writes have stopped.
-            rec1 = await writes_settled(admin, identity)
+            rec1 = await writes_settled(lambda: recorder(admin), identity)
             cpu1 = proc_cpu_seconds(op.pid)
             emu_cpu1 = proc_cpu_seconds(args._emu_pid)
             ray1 = await fake_ray_stats(fake_ray.info["dashboard_port"])
             hwm_kb = proc_status_kb(op.pid, "VmHWM")
 
-            names = [f"job-{i:05d}" for i in range(n)]
-            c_lat = [watcher.cluster_added[j] - watcher.job_added[j] for j in names
-                     if j in watcher.cluster_added and j in watcher.job_added]
-            r_lat = [watcher.job_running[j] - watcher.job_added[j] for j in names
-                     if j in watcher.job_running and j in watcher.job_added]
+            names = [job_name(i) for i in range(n)]
+            c_lat = latencies(watcher.cluster_added, watcher.job_added, names)
+            r_lat = latencies(watcher.job_running, watcher.job_added, names)
             all_clusters = len(watcher.cluster_added) >= n
             all_running = len(watcher.job_running) >= n
             calls = calls_by_verb(rec0, rec1, identity)
@@ -351,15 +480,12 @@ async def run_one(which: str, n: int, args: argparse.Namespace, emu_url: str, to
                 "cpu_ms_per_job": (cpu1 - cpu0) * 1000 / n,
                 "emulator_cpu_ms_per_job": (emu_cpu1 - emu_cpu0) * 1000 / n,
                 "peak_rss_mb": hwm_kb / 1024 if hwm_kb else None,
-                "watch_errors": watcher.errors,
+                "watch_errors": watcher.errors, "watch_reconnects": watcher.reconnects,
                 "operator_log": str(op.log_path),
             }
 
-            # Per-job timeline (seconds after the burst began), for looking at the tail.
-            (workdir / f"timeline-{ns}.json").write_text(json.dumps({
-                name: [round(d[name] - t0, 4) if name in d else None
-                       for d in (watcher.job_added, watcher.cluster_added, watcher.job_running)]
-                for name in names}))
+            write_timeline(workdir / f"timeline-{ns}.json", t0, names,
+                           watcher.job_added, watcher.cluster_added, watcher.job_running)
 
             if track and all_running:
                 # The tracking cost: every job Running, nothing changing; whatever the operator
@@ -408,25 +534,14 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         fake = Child([sys.executable, "-m", "bench._fake_ray", "--kube-url", emu.info["url"],
                       "--token", tokens["kuberay-operator"], "--ready-delay", str(args.ready_delay)],
                      workdir / f"fake-ray-{n}.log")
-        rounds: dict[str, list[dict[str, Any]]] = {which: [] for which in args.operators}
-        for round_ in range(args.rounds):
-            # Floor and ours take turns, each round on the same emulator: the machine's noise
-            # of the moment hits both, and the ratio is taken within a round.
+        def run(which: str, round_: int) -> dict[str, Any]:
             last = round_ == args.rounds - 1
-            for which in args.operators:
-                print(f"  N={n} round {round_ + 1}/{args.rounds}: {which} ...", flush=True)
-                r = asyncio.run(run_one(which, n, args, emu.info["url"], tokens, fake, workdir,
-                                        round_, track=last and n == args.track_at))
-                rounds[which].append(r)
-                print(f"  N={n} round {round_ + 1}/{args.rounds}: {which}: clusters {r['clusters']}/{n} "
-                      f"in {fmt(r['clusters_all_s'])} s, running {r['running']}/{n} in "
-                      f"{fmt(r['running_all_s'])} s", flush=True)
-                asyncio.run(delete_namespace(emu.info["url"], tokens["admin"], r["namespace"]))
-        out: dict[str, Any] = {which: median_run(runs) for which, runs in rounds.items()}
-        if "floor" in rounds and "ours" in rounds:
-            out["round_ratios"] = {key: [ratio(o.get(key), f.get(key))
-                                         for f, o in zip(rounds["floor"], rounds["ours"])]
-                                   for _, key in ROWS}
+            return asyncio.run(run_one(which, n, args, emu.info["url"], tokens, fake, workdir,
+                                       round_, track=last and n == args.track_at))
+
+        rounds = alternate(n, args, run, lambda r: asyncio.run(
+            delete_namespace(emu.info["url"], tokens["admin"], r["namespace"])))
+        out = summarize(rounds, ROWS)
         out["emulator_peak_rss_mb"] = (proc_status_kb(emu.pid, "VmHWM") or 0) / 1024
         return out
     finally:
@@ -435,15 +550,15 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         emu.stop()
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_run(runs: list[dict[str, Any]], rows: list[tuple[str, str]]) -> dict[str, Any]:
     """The last round's record with every figure of the table replaced by its median over
     the rounds (a round that timed out counts as slower than any that finished); the rounds
     themselves are kept under `rounds`."""
     out = dict(runs[-1])
-    for _, key in ROWS:
+    for _, key in rows:
         middle = percentile([math.inf if r.get(key) is None else r[key] for r in runs], 50)
         out[key] = None if middle == math.inf else middle
-    out["rounds"] = [{key: r.get(key) for _, key in ROWS} for r in runs]
+    out["rounds"] = [{key: r.get(key) for _, key in rows} for r in runs]
     return out
 
 
@@ -470,33 +585,31 @@ ROWS = [
 ]
 
 
+def cluster_goals(res: dict[str, Any], writes_span: str) -> dict[str, bool]:
+    """The goals both control planes share: clusters within 2x the floor, p99, writes, RSS."""
+    ours, g = res["ours"], {}
+    cluster_ratio = median((res.get("round_ratios") or {}).get("clusters_all_s") or [])
+    if res.get("floor") and cluster_ratio is not None:
+        g["all RayClusters within 2x floor"] = cluster_ratio <= GOALS["clusters_all_ratio"]
+    if ours["create_to_cluster_p99_s"] is not None:
+        g["p99 create->cluster < 3 s"] = ours["create_to_cluster_p99_s"] < GOALS["p99_create_to_cluster_s"]
+    g[f"<= 8 API writes/job {writes_span}"] = ours["api_writes_per_job"] <= GOALS["writes_per_job"]
+    g["peak RSS < 150 MB"] = (ours["peak_rss_mb"] or 0) < GOALS["peak_rss_mb"]
+    return g
+
+
+def goal_table(goals: dict[str, dict[str, bool]]) -> str:
+    return table(("N", "goal", "verdict"), [(n, k, "met" if v else "NOT met")
+                                            for n, g in goals.items() for k, v in g.items()])
+
+
 def report(sizes: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     parts, goals = [], {}
     for n, res in sizes.items():
         floor, ours = res.get("floor"), res.get("ours")
-        rows = []
         round_ratios = res.get("round_ratios") or {}
-        for label, key in ROWS:
-            f = floor.get(key) if floor else None
-            o = ours.get(key) if ours else None
-            # The median of the rounds' own ratios (each floor and ours minutes apart).
-            rows.append((label, f, o, median(round_ratios[key]) if key in round_ratios else ratio(o, f)))
-        for who in ("floor", "ours"):
-            r = res.get(who)
-            if r and r.get("timed_out_after_s"):
-                rows.append((f"{who}: TIMED OUT at", r["timed_out_after_s"],
-                             f"{r['clusters']} clusters", f"{r['running']} running"))
-        rounds = len((ours or floor or {}).get("rounds") or [None])
-        parts.append(table((f"N={n}, median of {rounds}", "floor", "ours", "ours/floor"), rows))
-        if round_ratios.get("clusters_all_s") and rounds > 1:
-            parts.append("all RayClusters, ours/floor by round: " + ", ".join(
-                fmt(v) for v in round_ratios["clusters_all_s"]))
-        verbs = sorted({k for who in ("floor", "ours") if res.get(who)
-                        for k in res[who]["api_calls_to_running"]})
-        parts.append(table(("requests/job to Running", "floor", "ours"),
-                           [(v, (res["floor"]["api_calls_to_running"].get(v, 0) / n) if res.get("floor") else None,
-                             (res["ours"]["api_calls_to_running"].get(v, 0) / n) if res.get("ours") else None)
-                            for v in verbs]))
+        parts.extend(ratio_table(n, res, ROWS))
+        parts.append(verb_table(n, res, "requests/job to Running"))
         for who in ("floor", "ours"):
             t = (res.get(who) or {}).get("tracking")
             if t:
@@ -512,38 +625,38 @@ def report(sizes: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             if n == 1000 or n == max(sizes):
                 g["all Running within 15 s (1,000 jobs)"] = (ours["running_all_s"] is not None
                                                              and ours["running_all_s"] <= GOALS["running_all_s"]) if n == 1000 else None
-            cluster_ratio = median(round_ratios.get("clusters_all_s") or [])
-            if floor and cluster_ratio is not None:
-                g["all RayClusters within 2x floor"] = cluster_ratio <= GOALS["clusters_all_ratio"]
-            if ours["create_to_cluster_p99_s"] is not None:
-                g["p99 create->cluster < 3 s"] = ours["create_to_cluster_p99_s"] < GOALS["p99_create_to_cluster_s"]
-            g["<= 8 API writes/job to Running"] = ours["api_writes_per_job"] <= GOALS["writes_per_job"]
-            g["peak RSS < 150 MB"] = (ours["peak_rss_mb"] or 0) < GOALS["peak_rss_mb"]
+            g.update(cluster_goals(res, "to Running"))
             if ours.get("tracking"):
                 g["tracking 1,000 Running < 10% of a core"] = ours["tracking"]["core_pct"] < GOALS["tracking_core_pct"]
             g = {k: v for k, v in g.items() if v is not None}
             goals[str(n)] = g
-    goal_rows = [(n, k, "met" if v else "NOT met") for n, g in goals.items() for k, v in g.items()]
-    parts.append(table(("N", "goal", "verdict"), goal_rows))
+    parts.append(goal_table(goals))
     return "\n\n".join(parts), goals
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench operator_scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", default="100,1000,3000", help="comma-separated sizes (default %(default)s)")
+    p.add_argument("--stack", choices=("emulator", "real"), default="emulator",
+                   help="the API emulator and a KubeRay stand-in (default), or the real control "
+                        "plane with the real KubeRay and a fake node pool (operator_scale_real)")
+    p.add_argument("--jobs", default="", help="comma-separated sizes (default 100,1000,3000; "
+                                               "with --stack real 100,1000)")
     p.add_argument("--operators", default="floor,ours", help="which to run, in order (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds per size, floor and ours in turn; medians are reported (default %(default)s)")
     p.add_argument("--track-at", type=int, default=1000,
-                   help="the size at which to sample the tracking cost (default %(default)s)")
+                   help="the size at which to sample the tracking cost (with --stack real: the "
+                        "cost of the jobs waiting in Provisioning) (default %(default)s)")
     p.add_argument("--track-seconds", type=float, default=30.0)
     # Past the operator's tracking interval (30 s): each Running job's first look at its
     # log writes status.progress once; the sample is of the steady state after that.
-    p.add_argument("--settle", type=float, default=35.0,
-                   help="seconds after the last job is Running before tracking is sampled")
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds after the last job is Running (real: after the last pod is "
+                        "bound) before tracking is sampled (default 35; real 15)")
     p.add_argument("--timeout", type=float, default=0.0,
-                   help="per run; 0 = 60 s + 150 ms per job, at most 240 s")
+                   help="per run; 0 = 60 s + 150 ms per job, at most 240 s (real: 120 s + "
+                        "0.5 s per job, at most 900 s)")
     p.add_argument("--create-concurrency", type=int, default=32)
     p.add_argument("--ready-delay", type=float, default=0.2,
                    help="the KubeRay stand-in's provisioning delay (its default)")
@@ -551,32 +664,54 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ours-pythonpath", default="",
                    help="a directory with a modified finetune_operator package to measure instead "
                         "of operator/ (e.g. a candidate fix)")
-    p.add_argument("--results-name", default="operator_scale",
-                   help="results file name under bench/results/ (default %(default)s)")
-    args = p.parse_args(argv)
+    p.add_argument("--results-name", default="",
+                   help="results file name under bench/results/ (default operator_scale; with "
+                        "--stack real operator_scale_real)")
+    return p
+
+
+def run_and_report(args: argparse.Namespace, argv: list[str], prefix: str,
+                   run_size: Callable[[int, argparse.Namespace, Path], dict[str, Any]],
+                   report: Callable[[dict[int, dict[str, Any]]], tuple[str, dict[str, Any]]],
+                   rows: list[tuple[str, str]], goals: dict[str, float]) -> int:
+    """Each size in turn; the report and the results file of the sizes done, even when a
+    later size fails."""
     args.operators = [o.strip() for o in args.operators.split(",") if o.strip()]
     sizes = [int(x) for x in args.jobs.split(",") if x.strip()]
-    workdir = Path(tempfile.mkdtemp(prefix="bench-operator-scale-"))
-    print(f"operator_scale: sizes {sizes}; logs in {workdir}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"operator_scale ({args.stack}): sizes {sizes}; logs in {workdir}", flush=True)
     results: dict[int, dict[str, Any]] = {}
     try:
         for n in sizes:
             results[n] = run_size(n, args, workdir)
+            if getattr(args, "_interrupted", False):
+                break
     finally:
         if results:
-            text, goals = report(results)
+            text, verdicts = report(results)
             print(text)
             ratios = {str(n): {key: median((r.get("round_ratios") or {}).get(key) or [])
-                               for _, key in ROWS} for n, r in results.items()}
+                               for _, key in rows} for n, r in results.items()}
             path = write_results(args.results_name, {
-                "goals": GOALS, "verdicts": goals, "ratios_ours_over_floor": ratios, "table": text,
-                "sizes": {str(n): r for n, r in results.items()},
+                "goals": goals, "verdicts": verdicts, "ratios_ours_over_floor": ratios,
+                "table": text, "sizes": {str(n): r for n, r in results.items()},
                 "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             }, ["python", "-m", "bench", "operator_scale", *argv])
             print(f"results: {path}")
         if not args.keep_logs and results:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.stack == "real":
+        from bench import operator_scale_real
+        return operator_scale_real.main(args, argv)
+    args.jobs = args.jobs or "100,1000,3000"
+    args.settle = 35.0 if args.settle is None else args.settle
+    args.results_name = args.results_name or "operator_scale"
+    return run_and_report(args, argv, "bench-operator-scale-", run_size, report, ROWS, GOALS)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +53,13 @@ TRAINER_STOP_GRACE_S = 60
 # why it does not: the scheduler and KubeRay answer within a second or two, and a young
 # cluster's passes (every new job's) read nothing more than the cluster.
 BLOCKED_AFTER = 5.0
+# After a look that found nothing wrong (pods bound, or KubeRay still on its way to them), the
+# next waits this long, doubling up to BLOCKED_MAX_GAP; a look that finds the cluster blocked
+# keeps the reconcile interval. Looking every pass cost 1,000 waiting jobs 6 pod lists and up
+# to 6 Event lists each per minute, ~200 requests/s that slowed KubeRay's own work on the same
+# API server (bench operator_scale --stack real).
+BLOCKED_FIRST_GAP = 15.0
+BLOCKED_MAX_GAP = 60.0
 
 
 @dataclass
@@ -66,6 +74,11 @@ class JobMemory:
     log_tail: tuple[str, str] | None = None
     backoff_reason: str | None = None
     backoff_delay: float = 0.0
+    # The looks at a not-ready RayCluster's pods and Events (observe_blocked): the cluster's
+    # uid, when the next may be (monotonic) and the gap before it.
+    blocked_uid: str | None = None
+    blocked_next: float = 0.0
+    blocked_gap: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     seen_generation: int | None = None
@@ -263,7 +276,7 @@ class Reconciler:
         blocked = None
         if job is not None and phase not in FINISHED and not deleting \
                 and cluster == ClusterState.PROVISIONING:
-            blocked = await self.observe_blocked(world)
+            blocked = await self.observe_blocked(world, mem)
         ray_state, ray_message = RayJobState.UNKNOWN, ""
         if job is not None and cluster == ClusterState.READY:
             # A finished or deleted job's too: its cluster goes only once its Ray job is over
@@ -334,11 +347,12 @@ class Reconciler:
             return None
         return await self.kube.get_raycluster(meta.get("namespace"), world.cluster_name)
 
-    async def observe_blocked(self, world: World) -> tuple[str, str] | None:
+    async def observe_blocked(self, world: World, mem: JobMemory) -> tuple[str, str] | None:
         """Why a RayCluster that is not ready cannot come up, if it cannot: KubeRay's
         ReplicaFailure condition, its pods unschedulable (the scheduler's PodScheduled
         message), or KubeRay's Event refusing it. The pods and Events are read only once the
-        cluster had time to come up (BLOCKED_AFTER), not on every young cluster's pass."""
+        cluster had time to come up (BLOCKED_AFTER), not on every young cluster's pass, and
+        less and less often while they show nothing wrong (BLOCKED_FIRST_GAP)."""
         cluster = world.cluster
         if cluster is None or (cluster.get("metadata") or {}).get("deletionTimestamp"):
             return None
@@ -350,6 +364,18 @@ class Reconciler:
         if created is not None and \
                 (now_utc() - created).total_seconds() < BLOCKED_AFTER:
             return None
+        if mem.blocked_uid != meta.get("uid"):
+            mem.blocked_uid, mem.blocked_next, mem.blocked_gap = meta.get("uid"), 0.0, 0.0
+        if time.monotonic() < mem.blocked_next:
+            return None
+        found = await self._look_blocked(world, cluster, meta)
+        mem.blocked_gap = 0.0 if found else min(max(2 * mem.blocked_gap, BLOCKED_FIRST_GAP),
+                                                BLOCKED_MAX_GAP)
+        mem.blocked_next = time.monotonic() + mem.blocked_gap
+        return found
+
+    async def _look_blocked(self, world: World, cluster: dict[str, Any],
+                            meta: dict[str, Any]) -> tuple[str, str] | None:
         ns = meta.get("namespace") or (world.body.get("metadata") or {}).get("namespace")
         pods = await self.kube.list_pods(ns, f"{raycluster.RAY_CLUSTER_LABEL}={world.cluster_name}")
         words = observe.unschedulable(pods)
