@@ -114,6 +114,24 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 _discovered = False
 
 
+def final_tensors_of(module, trainable_only: bool) -> list:
+    """(name, tensor) of what the final model holds, in state-dict order: parameters (tied
+    ones once, under their first name, as save_pretrained writes them) and persistent
+    buffers (not with trainable_only). The tensors are the strategy's own: FSDP's DTensor
+    shards, ZeRO-3's partitioned stand-ins."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    out = []
+    for name in module.state_dict(keep_vars=True):
+        t = params.get(name)
+        if t is None and not trainable_only:
+            t = buffers.get(name)
+        if t is None or (trainable_only and not t.requires_grad):
+            continue
+        out.append((name, t))
+    return out
+
+
 def register(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make `cls` the implementation of spec.strategy.type `cls.name`."""
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):

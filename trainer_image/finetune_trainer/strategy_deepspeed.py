@@ -16,7 +16,7 @@ import torch
 from . import shard_load
 from .model_prep import COMPUTE_DTYPE, WEIGHTS_DTYPE, prepare_model
 from .schedule import make_optimizer, make_scheduler
-from .strategies import Strategy, register
+from .strategies import Strategy, final_tensors_of, register
 
 # ZeRO-3's final-model gather: parameters gathered together up to this many bytes (a bigger one
 # alone), so the collectives are few and the gathered part stays small.
@@ -196,18 +196,7 @@ class DeepSpeedStrategy(Strategy):
     def _final_tensors(self, trainable_only: bool):
         """(name, tensor) of the final model in state-dict order: parameters (tied ones once) and
         persistent buffers; a ZeRO-3 parameter is its partitioned stand-in."""
-        module = self.engine.module
-        params = dict(module.named_parameters())
-        buffers = dict(module.named_buffers())
-        out = []
-        for name in module.state_dict(keep_vars=True):
-            t = params.get(name)
-            if t is None and not trainable_only:
-                t = buffers.get(name)
-            if t is None or (trainable_only and not t.requires_grad):
-                continue
-            out.append((name, t))
-        return out
+        return final_tensors_of(self.engine.module, trainable_only)
 
     def final_shapes(self, trainable_only: bool = False) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, tuple(getattr(t, "ds_shape", t.shape))) for n, t in self._final_tensors(trainable_only)]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import shard_load
 from .model_prep import COMPUTE_DTYPE, prepare_model
 from .schedule import make_optimizer, make_scheduler
-from .strategies import Strategy, register
+from .strategies import Strategy, final_tensors_of, register
 
 # spec shardingStrategy -> reshard after forward (FULL_SHARD's memory saving, SHARD_GRAD_OP's
 # skipped all-gather in backward). With a shard group of one rank there is nothing to reshard.
@@ -212,14 +212,4 @@ class FSDPStrategy(Strategy):
     def _final_tensors(self, trainable_only: bool):
         """(name, tensor) of what the final model holds, in state-dict order: parameters (tied
         ones once, under their first name, as save_pretrained writes them) and persistent buffers."""
-        params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
-        out = []
-        for name in self.model.state_dict(keep_vars=True):
-            t = params.get(name)
-            if t is None and not trainable_only:
-                t = buffers.get(name)
-            if t is None or (trainable_only and not t.requires_grad):
-                continue
-            out.append((name, t))
-        return out
+        return final_tensors_of(self.model, trainable_only)
