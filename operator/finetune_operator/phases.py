@@ -252,7 +252,7 @@ def _finished(obs: Observed, phase: str) -> Decision:
     decision = Decision(phase=phase, message=status.get("message") or phase)
     decision.actions += _cleanup_actions(obs, phase)
     if waits_for_stop(decision):
-        return _stopping(decision)
+        return _stopping(decision)  # a TTL deletion waits for the cluster to go first
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     done = parse_time(status.get("completionTime"))
     if ttl is not None and done is not None:

@@ -156,10 +156,10 @@ async def _hold_until_done(task: asyncio.Task) -> Any:
     """Await `task` through cancellations of the awaiting task. kopf cancels a deleted
     job's daemon, and the await of the clean-up that follows is cancelled again at once
     (kopf 1.45: the shielded await raised CancelledError while the clean-up was pending),
-    yet the daemon must outlive the clean-up: once it ends, kopf drops its finalizer and the garbage
-    collector deletes the RayCluster under a trainer that is still stopping. Bounded by the
-    clean-up's own time limit (start_cleanup), and by kopf's cancellation_timeout (main.py)
-    after which kopf leaves the daemon be."""
+    yet the daemon must outlive the clean-up: once it ends, kopf drops its finalizer and the
+    garbage collector deletes the RayCluster under a trainer that is still stopping. Bounded
+    by the clean-up's own time limit (start_cleanup), and by kopf's cancellation_timeout
+    (main.py) after which kopf leaves the daemon be."""
     while True:
         try:
             return await asyncio.shield(task)
@@ -628,10 +628,8 @@ class Reconciler:
             return
         if meta.get("deletionTimestamp"):
             # Cleaned up in a task of its own (not in the daemon, which kopf cancels now);
-            # the daemon waits for it before it exits, and kopf for the daemon. Once kopf
-            # has released its finalizer there is nothing left to do.
-            if FINALIZER in (meta.get("finalizers") or []):
-                self.start_cleanup(key, dict(body))
+            # the daemon waits for it before it exits, and kopf for the daemon.
+            self.clean_up_if_deleted(body)
             return
         # A new daemon runs its first pass at once; afterwards only a spec change (a new
         # generation) needs an early pass. An event handler stores nothing on the object,
@@ -688,12 +686,16 @@ class Reconciler:
             # collector delete the cluster under a running trainer). Stopped because the
             # operator exits: leave it running.
             if not (stopped.reason or 0) & kopf.DaemonStoppingReason.OPERATOR_EXITING:
-                meta = body.get("metadata") or {}
-                if mem.cleanup is None and meta.get("deletionTimestamp") \
-                        and FINALIZER in (meta.get("finalizers") or []):
-                    self.start_cleanup(_key(body), dict(body))
+                self.clean_up_if_deleted(body)
                 if mem.cleanup is not None:
                     await _hold_until_done(mem.cleanup)
+
+    def clean_up_if_deleted(self, body: Mapping[str, Any]) -> None:
+        """Start the deletion clean-up of a job being deleted whose finalizer kopf still holds
+        (once kopf has released it there is nothing left to do)."""
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp") and FINALIZER in (meta.get("finalizers") or []):
+            self.start_cleanup(_key(body), dict(body))
 
     def start_cleanup(self, key: str, body: dict[str, Any]) -> None:
         """Start the deletion clean-up of a job once (a pass that the machine turns into
@@ -716,7 +718,7 @@ class Reconciler:
                                 decision = await self._reconcile(copy.deepcopy(body), mem)
                             if not phases.waits_for_stop(decision) or loop.time() > until:
                                 break
-                            await asyncio.sleep(decision.requeue_after or phases.STOPPING_POLL_S)
+                            await asyncio.sleep(phases.STOPPING_POLL_S)
                         break
                     except (KubeError, aiohttp.ClientError, TimeoutError) as e:
                         logger.warning("Clean-up of deleted FineTuneJob %s failed "
